@@ -1,0 +1,92 @@
+"""Where the data comes from, the audit before step 0, and batches as tensors.
+
+Three ways to name the data (config `data.*`):
+- nothing: the synthetic shapes are generated once into `data.cache` and reused;
+- `data.root=DIR`: a synth-layout folder (annotations/instances_{train,val}.json, train/, val/);
+- `data.train_ann`, `data.train_images`, `data.val_ann`, `data.val_images`: e.g. COCO 2017 itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanguard.config import Config
+from nanguard.data.coco import CocoIndex, build_index, read_coco_json
+from nanguard.data.loader import Batch
+from nanguard.errors import UserError
+from nanguard.fileio import atomic_write_json
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    train_ann: Path
+    train_images: Path
+    val_ann: Path
+    val_images: Path
+
+
+def resolve_data(cfg: Config, quiet: bool) -> DataPaths:
+    d = cfg.data
+    if d.train_ann is not None:
+        return DataPaths(Path(d.train_ann), Path(d.train_images), Path(d.val_ann), Path(d.val_images))
+    if d.root is None:
+        from nanguard.data.synth import generate
+
+        root = Path(os.path.expanduser(d.cache)) / (
+            f"synth-{d.synth_images}-{d.synth_val_images}-{d.synth_size}px-{d.synth_classes}c-seed{d.synth_seed}")
+        generate(root, images=d.synth_images, val_images=d.synth_val_images, size=d.synth_size,
+                 classes=d.synth_classes, seed=d.synth_seed, progress=not quiet)
+    else:
+        root = Path(d.root)
+        if not root.is_dir():
+            raise UserError(f"data.root={root}: no such folder; generate one with `nanguard synth {root}`")
+    paths = DataPaths(root / "annotations/instances_train.json", root / "train",
+                      root / "annotations/instances_val.json", root / "val")
+    if not paths.train_ann.exists():
+        raise UserError(f"data.root={root}: no annotations/instances_train.json; it is not a synth-layout "
+                        "folder (use data.train_ann=... and friends for other layouts)")
+    return paths
+
+
+def training_index(cfg: Config, paths: DataPaths, run_dir: Path, quiet: bool) -> CocoIndex:
+    """The training split after the audit (`data.audit`): drop error-level records (default), stop on
+    any (strict), or let everything through (off: fault-injection tests use it)."""
+    if cfg.data.audit == "off":
+        document = read_coco_json(paths.train_ann)
+    else:
+        from nanguard.audit import audit_and_clean
+
+        if not paths.train_images.is_dir():
+            raise UserError(f"{paths.train_images}: no such image folder; check data.train_images")
+        report, document = audit_and_clean(paths.train_ann, images_dir=paths.train_images, decode=False)
+        atomic_write_json(run_dir / "audit.json", report.to_json())
+        if report.errors and cfg.data.audit == "strict":
+            checks = ", ".join(f"{name} ({count})" for name, count in report.summary["by_check"].items()
+                               if count)
+            raise UserError(f"{paths.train_ann}: the audit found {report.errors} error(s): {checks}; see "
+                            f"{run_dir / 'audit.json'}, or clean it with `nanguard audit --fix`")
+        if not quiet:
+            print(f"audit: {report.summary['images']} images, {report.summary['annotations']} annotations, "
+                  f"{report.errors} error(s) dropped, {report.warnings} warning(s) (audit.json)", file=sys.stderr)
+    return build_index(document, paths.train_ann, paths.train_images)
+
+
+def validation_data(paths: DataPaths, category_ids: tuple[int, ...]) -> tuple[CocoIndex, dict[str, Any]]:
+    document = read_coco_json(paths.val_ann)
+    return build_index(document, paths.val_ann, paths.val_images, category_ids), document
+
+
+def to_tensors(batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """images: [3, H, W] float32 in [0, 1]; targets: boxes [N, 4] xyxy float32, labels [N] int64."""
+    images = [torch.from_numpy(np.array(image, copy=True)).to(device, non_blocking=True)
+              .permute(2, 0, 1).float().div_(255.0) for image in batch.images]
+    targets = [{"boxes": torch.from_numpy(boxes).to(device), "labels": torch.from_numpy(labels).to(device)}
+               for boxes, labels in zip(batch.boxes, batch.labels)]
+    return images, targets

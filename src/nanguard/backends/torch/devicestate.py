@@ -1,0 +1,148 @@
+"""Device-resident pieces of the guard: the spike detector, the LR schedule, state snapshots.
+
+Everything here updates with tensor ops only (`torch.where`, `index_put_`), so none of it makes the host
+wait for the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+
+from nanguard.config import TrainConfig
+from nanguard.guard.spikes import MAD_TO_STD
+
+
+class DeviceSpikeDetector:
+    """The device mirror of `nanguard.guard.spikes.SpikeDetector` (same algorithm, same defaults).
+
+    The window is a ring buffer of the last `window` accepted values; empty slots are NaN, so
+    `torch.nanmedian` (the lower median, as the reference uses) sees only accepted values. float64, so
+    the bounds agree with the pure-Python reference.
+    """
+
+    def __init__(self, window: int = 50, min_history: int = 20, threshold: float = 10.0,
+                 min_ratio: float = 2.0, rel_eps: float = 1e-3, device: torch.device | str = "cpu") -> None:
+        self.window, self.min_history = int(window), int(min_history)
+        self.threshold, self.min_ratio, self.rel_eps = float(threshold), float(min_ratio), float(rel_eps)
+        self.values = torch.full((self.window,), math.nan, dtype=torch.float64, device=device)
+        self.next = torch.zeros((1,), dtype=torch.long, device=device)  # slot the next value goes into
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """Judge the scalar `x`; add it to the window unless it is non-finite or a spike.
+        Returns a 0-dim bool tensor (no sync: the flag stays on the device)."""
+        x = x.detach().to(torch.float64).reshape(())
+        finite = torch.isfinite(x)
+        median = torch.nanmedian(self.values)
+        mad = torch.nanmedian((self.values - median).abs())
+        scale = torch.maximum(mad, self.rel_eps * median.abs())
+        bound = torch.maximum(median + self.threshold * MAD_TO_STD * scale, self.min_ratio * median)
+        spike = finite & (self.count >= self.min_history) & (x > bound)
+        accept = finite & ~spike
+        current = self.values.index_select(0, self.next)
+        self.values.index_put_((self.next,), torch.where(accept, x, current))
+        self.next.copy_(torch.where(accept, (self.next + 1) % self.window, self.next))
+        self.count.copy_(torch.where(accept, torch.clamp(self.count + 1, max=self.window), self.count))
+        return spike
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values.clone(), "next": self.next.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.values.copy_(state["values"])
+        self.next.copy_(state["next"])
+        self.count.copy_(state["count"])
+
+
+class LRSchedule:
+    """Learning rate as a function of the number of *applied* updates, counted on the device.
+
+    A masked step does not advance the schedule, and nobody on the host needs to know which steps were
+    masked: `lr()` is a device tensor that fused optimizers read directly.
+    warmup: linear from lr/warmup to lr; then `cosine` (down to lr * min_lr_ratio), `step` (x0.1 at 2/3
+    and 8/9 of the steps, torchvision's 26/29-of-26 style) or `constant`.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu") -> None:
+        self.base_lr, self.total = float(cfg.lr), max(1, int(cfg.steps))
+        self.warmup, self.kind, self.min_ratio = int(cfg.warmup_steps), cfg.schedule, float(cfg.min_lr_ratio)
+        self.applied = torch.zeros((), dtype=torch.float64, device=device)
+
+    def lr(self) -> torch.Tensor:
+        s = self.applied
+        factor = torch.ones_like(s)
+        if self.warmup > 0:
+            factor = torch.clamp((s + 1) / self.warmup, max=1.0)
+        if self.kind == "cosine":
+            progress = torch.clamp(s / self.total, 0.0, 1.0)
+            factor = factor * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + torch.cos(math.pi * progress)))
+        elif self.kind == "step":
+            drops = (s >= self.total * 2 / 3).to(s.dtype) + (s >= self.total * 8 / 9).to(s.dtype)
+            factor = factor * torch.pow(0.1, drops)
+        return (self.base_lr * factor).to(torch.float32)
+
+    def advance(self, applied: torch.Tensor) -> None:
+        """Count one update if `applied` (a 0-dim bool tensor) is true."""
+        self.applied.add_(applied.to(self.applied.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied.clone(), "base_lr": self.base_lr, "total": self.total,
+                "warmup": self.warmup, "kind": self.kind, "min_ratio": self.min_ratio}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.applied.copy_(state["applied"])
+
+
+def bn_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every buffer that a forward pass in train mode writes: BatchNorm's running stats and counters."""
+    found = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            found += [b for b in (module.running_mean, module.running_var, module.num_batches_tracked)
+                      if b is not None]
+    return found
+
+
+def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's per-parameter state now, exactly as its first step would.
+
+    torch creates state lazily on the first step, so a masked first step would still leave state
+    behind (and SGD's momentum buffer would hold garbage). Made up front, a masked step changes
+    nothing. SGD's first step sets buf = grad; a zero buffer gives buf = 0 * m + grad = grad bit for bit
+    when dampening is 0 (the default); with dampening the state stays lazy.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            if isinstance(optimizer, torch.optim.SGD):
+                if group.get("momentum", 0) and not group.get("dampening", 0):
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+                fused_or_capturable = group.get("fused") or group.get("capturable")
+                state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device)
+                                 if fused_or_capturable else torch.tensor(0.0, dtype=torch.float32))
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def to_host(obj: Any) -> Any:
+    """A deep copy with every tensor on the CPU (a rollback snapshot must survive the device state)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return copy.deepcopy(obj)

@@ -1,0 +1,99 @@
+"""The `nanguard` command: synth, audit, train, eval.
+
+`main(argv)` is the in-process entry point and returns the exit code: 0 ok, 1 findings or a failed run,
+2 bad input (a `UserError`, printed on one line without a traceback). Each command's implementation is
+imported only when that command runs, so `nanguard audit` never imports torch and starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nanguard.errors import UserError
+
+# command name -> module whose `run(args) -> int` implements it (imported lazily).
+COMMANDS = {
+    "synth": "nanguard.data.synth_command",
+    "audit": "nanguard.audit.command",
+    "train": "nanguard.backends.torch.train_command",
+    "eval": "nanguard.backends.torch.eval_command",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanguard",
+        description="Train Faster R-CNN so that a NaN or Inf can neither kill nor silently ruin a run.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("synth", help="generate a COCO dataset of coloured shapes")
+    p.add_argument("out", metavar="OUT", help="output folder (annotations/, train/, val/)")
+    p.add_argument("--images", type=int, default=2000, help="training images (default 2000)")
+    p.add_argument("--val-images", type=int, default=200, help="validation images (default 200)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--classes", type=int, default=3, help="number of shape classes, 1-8 (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("audit", help="find boxes and images that can turn into NaN, before training")
+    p.add_argument("ann", metavar="ANN.json", help="COCO detection annotation file")
+    p.add_argument("--images", metavar="DIR", help="image folder: check files exist, decode and measure them")
+    p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write findings as JSON")
+    p.add_argument("--fix", metavar="CLEAN.json", help="write a cleaned copy (never overwrites the input)")
+    p.add_argument("--min-size", type=float, default=1.0, metavar="PX",
+                   help="boxes narrower or lower than this are tiny_box (default 1)")
+    p.add_argument("--no-decode", action="store_true", help="with --images: read headers only")
+    p.add_argument("--jobs", type=int, default=None, metavar="N", help="decoding processes (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+    p = sub.add_parser("train", help="train a Faster R-CNN (guarded)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=0.01")
+    p.add_argument("--config", metavar="FILE|PRESET", default=None,
+                   help="a YAML file or a preset name: demo (default), coco_r50")
+    p.add_argument("--out", metavar="RUN_DIR", default=None, help="run folder (default runs/<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="resume the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="train until step N (overrides train.steps)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--inject", action="append", default=[], metavar="SPEC",
+                   help="fault injection KIND@STEP[:key=value...] (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print final.json to stdout")
+
+    p = sub.add_parser("eval", help="COCO mAP of a run or checkpoint on the validation set")
+    p.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.val_ann=...")
+    p.add_argument("--detections", metavar="OUT.json", help="write COCO-format detections")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        module = importlib.import_module(COMMANDS[args.command])
+        return int(module.run(args))
+    except UserError as err:
+        print(f"nanguard {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nanguard {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's own usage errors exit 2 already
+        raise exc
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main_entry()
