@@ -1,0 +1,61 @@
+"""The framework-neutral half of the guard: observations, the recovery policy, the spike detector,
+the incident log and fault-injection specs. Imports neither torch nor mindspore (nor numpy): a backend
+turns tensors into `Observation`s and `Decision`s into tensor work."""
+
+from nanguard.guard.faults import (
+    FAULT_KINDS,
+    FaultKind,
+    FaultPlan,
+    FaultSpec,
+    InjectionLog,
+    NullInjectionLog,
+    parse_fault,
+    read_injections,
+    register_fault_kind,
+)
+from nanguard.guard.incidents import IncidentLog, NullIncidentLog, incident_record, read_incidents
+from nanguard.guard.observation import (
+    CORRUPTION_KINDS,
+    DATA_KINDS,
+    INCIDENT_KINDS,
+    LOSS_COMPONENTS,
+    Observation,
+)
+from nanguard.guard.policy import (
+    ACTIONS,
+    Decision,
+    PolicyConfig,
+    PolicyState,
+    decide,
+    explain,
+)
+from nanguard.guard.spikes import SpikeDetector, lower_median
+
+__all__ = [
+    "ACTIONS",
+    "CORRUPTION_KINDS",
+    "DATA_KINDS",
+    "FAULT_KINDS",
+    "INCIDENT_KINDS",
+    "LOSS_COMPONENTS",
+    "Decision",
+    "FaultKind",
+    "FaultPlan",
+    "FaultSpec",
+    "IncidentLog",
+    "InjectionLog",
+    "NullIncidentLog",
+    "NullInjectionLog",
+    "Observation",
+    "PolicyConfig",
+    "PolicyState",
+    "SpikeDetector",
+    "decide",
+    "explain",
+    "incident_record",
+    "lower_median",
+    "parse_fault",
+    "read_incidents",
+    "read_injections",
+    "register_fault_kind",
+]

@@ -1,0 +1,174 @@
+"""What a backend reports for one training step.
+
+The device computes the flags with no host synchronisation; the host reads them one step late (from
+pinned memory) and builds an `Observation`. The policy (`nanguard.guard.policy.decide`) turns a sequence
+of observations into actions. Nothing here knows any framework: values are plain Python floats and bools.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSS_COMPONENTS: tuple[str, ...] = (
+    "loss_objectness",
+    "loss_rpn_box_reg",
+    "loss_classifier",
+    "loss_box_reg",
+)
+
+# Incident kinds, most severe first: the first kind an observation has is its primary kind.
+# State corruption (the model itself is wrong) comes before a bad step (the update was masked).
+INCIDENT_KINDS: tuple[str, ...] = (
+    "nonfinite_param",
+    "wild_param",
+    "nonfinite_buffer",
+    "model_error",
+    "nonfinite_loss",
+    "nonfinite_grad",
+    "loss_scale_floor",
+    "loss_spike",
+    "grad_spike",
+)
+
+# Kinds that mean the model state is already corrupted: the update happened (or a buffer was written)
+# with nothing masked, so skipping cannot help; only a rollback can.
+CORRUPTION_KINDS: frozenset[str] = frozenset({"nonfinite_param", "wild_param", "nonfinite_buffer"})
+
+# Kinds that point at the batch: the images in it are implicated (and counted for quarantine).
+DATA_KINDS: frozenset[str] = frozenset(
+    {"model_error", "nonfinite_loss", "nonfinite_grad", "loss_spike", "grad_spike"}
+)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One training step as the host sees it, one step after the device ran it.
+
+    `step` is the iteration index, which is also the data position: steps only go up, including across
+    a rollback (the data window after the snapshot is skipped, not replayed).
+    Loss values and `grad_norm` (the global norm before clipping) may be nan/inf.
+    `nonfinite_param` / `wild_param` are None when parameters were not checked this step.
+    `wild_param`: a finite parameter whose abs max exceeds a bound (silent corruption, e.g. a bit flip).
+    `scale_overflow`: the fp16 GradScaler found an inf and backed off; normal, not an incident by itself.
+    `applied`: the device applied the update (False for a masked step).
+    """
+
+    step: int
+    losses: dict[str, float] = field(default_factory=dict)
+    total_loss: float = 0.0
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    loss_scale: float | None = None
+    nonfinite_loss: bool = False
+    nonfinite_grad: bool = False
+    nonfinite_param: bool | None = None
+    nonfinite_buffer: bool = False
+    loss_spike: bool = False
+    grad_spike: bool = False
+    wild_param: bool | None = None
+    model_error: str | None = None
+    scale_overflow: bool = False
+    applied: bool = True
+    image_ids: tuple = ()
+    annotation_ids: tuple = ()
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        # Ids go into JSON and checkpoints: plain ints or strings, in a tuple (a list, or a numpy
+        # integer from a loader, would not survive strict JSON or hashing).
+        for name in ("image_ids", "annotation_ids"):
+            object.__setattr__(self, name, tuple(_plain_id(i) for i in getattr(self, name)))
+
+    def kinds(self, min_loss_scale: float | None = None) -> list[str]:
+        """Incident kinds of this step, most severe first (order of `INCIDENT_KINDS`).
+
+        `loss_scale_floor` is only judged when `min_loss_scale` is given (the policy passes its
+        `PolicyConfig.min_loss_scale`): an fp16 loss scale below it means gradients overflow even at a
+        tiny scale. `scale_overflow` alone is never a kind: it is the scaler's normal back-off.
+        """
+        found = {
+            "nonfinite_param": self.nonfinite_param is True,
+            "wild_param": self.wild_param is True,
+            "nonfinite_buffer": self.nonfinite_buffer,
+            "model_error": self.model_error is not None,
+            "nonfinite_loss": self.nonfinite_loss,
+            "nonfinite_grad": self.nonfinite_grad,
+            "loss_scale_floor": (
+                min_loss_scale is not None
+                and self.loss_scale is not None
+                and self.loss_scale < min_loss_scale
+            ),
+            "loss_spike": self.loss_spike,
+            "grad_spike": self.grad_spike,
+        }
+        return [kind for kind in INCIDENT_KINDS if found[kind]]
+
+    @property
+    def bad(self) -> bool:
+        """Any incident flag the device set. Does not judge `loss_scale_floor` (that needs the policy's
+        bound: use `bool(obs.kinds(min_loss_scale))`)."""
+        return bool(self.kinds())
+
+    @property
+    def params_checked(self) -> bool:
+        return self.nonfinite_param is not None
+
+    def nonfinite_components(self) -> list[str]:
+        """Loss components whose value is nan/inf: the four known ones in their order, then others."""
+        names = [name for name in LOSS_COMPONENTS if name in self.losses]
+        names += sorted(name for name in self.losses if name not in LOSS_COMPONENTS)
+        return [name for name in names if not _finite(self.losses[name])]
+
+    def describe(self, kinds: list[str] | None = None, min_loss_scale: float | None = None) -> str:
+        """What was seen, as the start of a decision's reason: "step 12: non-finite loss
+        (loss_box_reg=nan), non-finite gradient (grad_norm=inf)"."""
+        phrases = {
+            "nonfinite_param": "non-finite parameter",
+            "wild_param": "parameter beyond the wild bound (silent corruption)",
+            "nonfinite_buffer": "non-finite buffer",
+            "model_error": f"model error: {self.model_error}",
+            "nonfinite_grad": f"non-finite gradient (grad_norm={_fmt(self.grad_norm)})",
+            "loss_spike": f"loss spike (total_loss={_fmt(self.total_loss)})",
+            "grad_spike": f"gradient-norm spike (grad_norm={_fmt(self.grad_norm)})",
+            "loss_scale_floor": (f"fp16 loss scale {_fmt(self.loss_scale)} below "
+                                 f"min_loss_scale={_fmt(min_loss_scale)}"),
+        }
+        components = ", ".join(f"{name}={_fmt(self.losses[name])}"
+                               for name in self.nonfinite_components())
+        phrases["nonfinite_loss"] = (
+            f"non-finite loss ({components or f'total_loss={_fmt(self.total_loss)}'})")
+        kinds = self.kinds(min_loss_scale) if kinds is None else kinds
+        return f"step {self.step}: " + (", ".join(phrases[k] for k in kinds) or "healthy")
+
+    def values(self) -> dict[str, Any]:
+        """The observed numbers (may be nan/inf: pass through `fileio.json_safe` before writing)."""
+        out: dict[str, Any] = dict(self.losses)
+        out["total_loss"] = self.total_loss
+        out["grad_norm"] = self.grad_norm
+        if self.loss_scale is not None:
+            out["loss_scale"] = self.loss_scale
+        return out
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _fmt(value: Any) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _plain_id(value: Any) -> int | str:
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return value
+    if hasattr(value, "__index__"):
+        return int(value.__index__())
+    return str(value)

@@ -1,0 +1,431 @@
+"""The recovery policy: a pure function from (state, observation) to (decision, new state).
+
+No I/O, no clock, no tensors: the same observations always give the same decisions, and the state is
+plain data that goes into a checkpoint (`PolicyState.to_dict` / `from_dict`).
+
+Rules, in the order they are checked for a bad step (one with at least one incident kind):
+1. budgets: more than `max_skip_fraction * skip_window` bad steps among the last `skip_window` steps
+   -> stop; a rollback needed after `max_rollbacks` rollbacks -> stop. Both come with a verdict.
+2. a non-finite or wild parameter, or a non-finite buffer (the model state is already wrong; masking the
+   update cannot help) -> rollback at once.
+3. `rollback_after` more bad steps in a row that ran with the lowered LR (so
+   `backoff_after + observation_lag + rollback_after` in a row) -> rollback.
+4. `backoff_after` bad steps in a row -> LR factor x `backoff_factor` (floored at `min_lr_factor`); it
+   comes back to 1.0 geometrically over `recover_steps` good steps (a bad step restarts the ramp from
+   the factor it has reached).
+5. an image implicated in `quarantine_after` bad steps -> quarantine. A bad step of a data kind
+   implicates the images of its batch, unless it is the `backoff_after`-th or later in a row.
+6. otherwise -> skip (the device already masked the update).
+A healthy step -> none; it counts towards LR recovery and towards `snapshot_ok`.
+
+The one-step lag: observations arrive in step order, one step late. When the policy decides a rollback
+on step s, the backend has already launched step s + `observation_lag`; those steps ran on the state that
+is thrown away, so `Decision.ignore_through_step` is s + lag and the policy ignores (action none,
+`ignored=True`, state unchanged) every observation with `step <= ignore_through_step`. Steps are data
+positions and only go up: after the restore the backend goes on with the next unseen batch, so the
+batches between the snapshot and the rollback are skipped, not replayed.
+
+Snapshots sit on a fixed grid so the backend knows ahead of time when to copy: when it runs a step s
+with s % snapshot_every == 0 (s > 0) it stages a host copy of the state right after s's update (and
+checks the parameters that step); `snapshot_ok` on the observation of s says s was healthy, and so were
+the `snapshot_healthy - 1` steps before it, so the staged copy may be kept (label it s). On a rollback
+the backend restores the newest kept snapshot labelled at or before `rollback_to_step`: the last
+healthy step for a bad streak, the last healthy step whose parameters were checked clean for a
+corruption (-1: the initial state or the checkpoint the run started from). Later ones are void.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from nanguard.errors import UserError
+from nanguard.guard.observation import CORRUPTION_KINDS, DATA_KINDS, Observation
+
+# Weakest first: a decision's action is the strongest thing it asks for; its other fields
+# (lr_factor, quarantine, snapshot_ok) must be applied whatever the action.
+ACTIONS: tuple[str, ...] = ("none", "skip", "quarantine", "lr_backoff", "rollback", "stop")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    backoff_after: int = 3  # bad steps in a row -> LR backoff
+    backoff_factor: float = 0.5
+    min_lr_factor: float = 1.0 / 64
+    recover_steps: int = 100  # good steps to bring the LR factor back to 1.0
+    rollback_after: int = 3  # further bad steps in a row after the backoff -> rollback
+    snapshot_every: int = 50  # host snapshots at steps that are multiples of this
+    snapshot_healthy: int = 10  # a snapshot only after this many healthy steps in a row
+    skip_window: int = 200
+    max_skip_fraction: float = 0.25
+    max_rollbacks: int = 3
+    quarantine_after: int = 2  # bad steps implicating an image -> quarantine it
+    min_loss_scale: float = 1.0  # fp16 loss scale below it -> incident loss_scale_floor
+    observation_lag: int = 1  # steps between running a step and reading its observation
+
+    def __post_init__(self) -> None:
+        positive_ints = ("backoff_after", "recover_steps", "rollback_after", "snapshot_every",
+                         "skip_window", "quarantine_after")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"policy.{name} must be an integer >= 1, got {value!r}")
+        for name in ("snapshot_healthy", "max_rollbacks", "observation_lag"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UserError(f"policy.{name} must be an integer >= 0, got {value!r}")
+        if not 0.0 < self.backoff_factor < 1.0:
+            raise UserError(f"policy.backoff_factor must be in (0, 1), got {self.backoff_factor!r}")
+        if not 0.0 < self.min_lr_factor <= 1.0:
+            raise UserError(f"policy.min_lr_factor must be in (0, 1], got {self.min_lr_factor!r}")
+        if not 0.0 < self.max_skip_fraction <= 1.0:
+            raise UserError(
+                f"policy.max_skip_fraction must be in (0, 1], got {self.max_skip_fraction!r}")
+        if not (math.isfinite(self.min_loss_scale) and self.min_loss_scale >= 0.0):
+            raise UserError(f"policy.min_loss_scale must be >= 0, got {self.min_loss_scale!r}")
+
+    @property
+    def max_skipped(self) -> int:
+        """Bad steps allowed among the last `skip_window` steps; one more stops the run."""
+        return int(self.max_skip_fraction * self.skip_window)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown policy setting(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class BadStep:
+    """One bad step kept in the skip window (for the budget and the verdict)."""
+
+    step: int
+    kinds: tuple[str, ...]
+    components: tuple[str, ...]
+    image_ids: tuple
+    lr: float
+    model_error: str | None = None
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    consecutive_bad: int = 0
+    good_streak: int = 0
+    lr_factor: float = 1.0
+    recovery_from: float = 1.0  # the LR factor the current recovery ramp started at
+    recovery_good: int = 0  # good steps into the current ramp
+    backoffs: int = 0
+    rollbacks: int = 0
+    corruptions: int = 0  # rollbacks caused by a corrupted parameter or buffer
+    last_good_step: int = -1
+    last_verified_step: int = -1  # last healthy step whose parameters were checked and clean
+    ignore_through_step: int = -1
+    max_lr_seen: float = 0.0
+    recent: tuple[BadStep, ...] = ()  # bad steps within the last skip_window steps
+    implicated: tuple[tuple[Any, int], ...] = ()  # (image id, bad steps it was in), not quarantined
+    quarantined: tuple = ()
+    stopped: bool = False
+    stop_reason: str | None = None
+    stop_verdict: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (for checkpoints); non-finite lr values become "nan"/"inf"."""
+        data = asdict(self)
+        data["recent"] = [
+            {"step": bad.step, "kinds": list(bad.kinds), "components": list(bad.components),
+             "image_ids": list(bad.image_ids), "lr": _encode_float(bad.lr),
+             "model_error": bad.model_error}
+            for bad in self.recent
+        ]
+        data["implicated"] = [[image_id, count] for image_id, count in self.implicated]
+        data["quarantined"] = list(self.quarantined)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PolicyState:
+        """The inverse of `to_dict`; missing keys take their defaults (an older checkpoint)."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"policy state has unknown keys {', '.join(unknown)}: the checkpoint "
+                            f"comes from a newer nanguard; resume it with that version")
+        data = dict(data)
+        data["recent"] = tuple(
+            BadStep(step=int(bad["step"]), kinds=tuple(bad["kinds"]),
+                    components=tuple(bad["components"]), image_ids=tuple(bad["image_ids"]),
+                    lr=float(bad["lr"]), model_error=bad.get("model_error"))
+            for bad in data.get("recent", ())
+        )
+        data["implicated"] = tuple((image_id, int(count))
+                                   for image_id, count in data.get("implicated", ()))
+        data["quarantined"] = tuple(data.get("quarantined", ()))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the backend must do after reading the observation of `step`.
+
+    `action` is the strongest thing asked for (see `ACTIONS`); `lr_factor` (multiplier of the scheduled
+    LR from the next launched step on), `quarantine` (image ids newly quarantined) and `snapshot_ok`
+    hold whatever the action. `rollback_to_step`: with rollback, restore the newest snapshot of a state
+    at or before that step (-1: the initial state). `ignore_through_step`: with rollback, observations
+    up to this step are ignored. `verdict`: with stop, what most likely went wrong and what to change.
+    """
+
+    step: int
+    action: str
+    reason: str
+    lr_factor: float
+    snapshot_ok: bool = False
+    quarantine: tuple = ()
+    kinds: tuple[str, ...] = ()
+    verdict: str | None = None
+    rollback_to_step: int | None = None
+    ignore_through_step: int | None = None
+    ignored: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["quarantine"] = list(self.quarantine)
+        data["kinds"] = list(self.kinds)
+        return data
+
+
+def decide(state: PolicyState, obs: Observation,
+           config: PolicyConfig | None = None) -> tuple[Decision, PolicyState]:
+    """The decision for one observation and the state after it. Deterministic; never raises for any
+    observation; once it has said stop it keeps saying stop."""
+    config = config or PolicyConfig()
+    if state.stopped:
+        return Decision(step=obs.step, action="stop", reason=state.stop_reason or "stopped",
+                        lr_factor=state.lr_factor, verdict=state.stop_verdict), state
+    if obs.step <= state.ignore_through_step:
+        reason = (f"step {obs.step} ran before the rollback took effect "
+                  f"(ignoring through step {state.ignore_through_step}): observation ignored")
+        return Decision(step=obs.step, action="none", reason=reason, lr_factor=state.lr_factor,
+                        ignored=True), state
+    kinds = obs.kinds(config.min_loss_scale)
+    if not kinds:
+        return _healthy(state, obs, config)
+    return _bad(state, obs, config, kinds)
+
+
+def _healthy(state: PolicyState, obs: Observation,
+             config: PolicyConfig) -> tuple[Decision, PolicyState]:
+    lr_factor, recovery_good = state.lr_factor, state.recovery_good
+    if lr_factor < 1.0:
+        recovery_good += 1
+        if recovery_good >= config.recover_steps:
+            lr_factor = 1.0
+        else:  # geometric ramp from recovery_from back to 1.0
+            lr_factor = state.recovery_from ** (1.0 - recovery_good / config.recover_steps)
+    good_streak = state.good_streak + 1
+    snapshot_ok = (good_streak >= config.snapshot_healthy and obs.step > 0
+                   and obs.step % config.snapshot_every == 0)
+    new_state = replace(
+        state,
+        consecutive_bad=0,
+        good_streak=good_streak,
+        lr_factor=lr_factor,
+        recovery_good=recovery_good,
+        last_good_step=obs.step,
+        last_verified_step=obs.step if obs.params_checked else state.last_verified_step,
+        max_lr_seen=_max_lr(state.max_lr_seen, obs.lr),
+        recent=_in_window(state.recent, obs.step, config),
+    )
+    return Decision(step=obs.step, action="none", reason=f"step {obs.step}: healthy",
+                    lr_factor=lr_factor, snapshot_ok=snapshot_ok), new_state
+
+
+def _bad(state: PolicyState, obs: Observation, config: PolicyConfig,
+         kinds: list[str]) -> tuple[Decision, PolicyState]:
+    seen = obs.describe(kinds, config.min_loss_scale)
+    consecutive = state.consecutive_bad + 1
+    image_ids = tuple(obs.image_ids)
+    recent = _in_window(state.recent, obs.step, config) + (BadStep(
+        step=obs.step, kinds=tuple(kinds), components=tuple(obs.nonfinite_components()),
+        image_ids=image_ids, lr=float(obs.lr), model_error=obs.model_error),)
+    corrupted = bool(CORRUPTION_KINDS.intersection(kinds))
+
+    # Quarantine bookkeeping: only kinds that point at the batch implicate its images.
+    implicated = dict(state.implicated)
+    newly: list[Any] = []
+    # A long run of bad steps looks systemic (LR, numerics), not like bad data: from the
+    # backoff_after-th bad step in a row on, the batch's images are no longer implicated.
+    if DATA_KINDS.intersection(kinds) and consecutive < config.backoff_after:
+        for image_id in dict.fromkeys(image_ids):  # unique, in order
+            if image_id in state.quarantined:
+                continue
+            implicated[image_id] = implicated.get(image_id, 0) + 1
+            if implicated[image_id] >= config.quarantine_after:
+                newly.append(image_id)
+                del implicated[image_id]
+
+    new_state = replace(
+        state,
+        consecutive_bad=consecutive,
+        good_streak=0,
+        recovery_from=state.lr_factor,  # a bad step restarts the recovery ramp from here
+        recovery_good=0,
+        recent=recent,
+        implicated=tuple(implicated.items()),
+        quarantined=state.quarantined + tuple(newly),
+    )
+    common = dict(step=obs.step, quarantine=tuple(newly), kinds=tuple(kinds))
+    quarantine_note = (f"; images {', '.join(map(str, newly))} implicated in "
+                       f"{config.quarantine_after} bad steps: quarantined" if newly else "")
+
+    if len(recent) > config.max_skipped:
+        reason = (f"{seen}; {len(recent)} of the last {config.skip_window} steps were bad "
+                  f"(budget {config.max_skipped}, max_skip_fraction={config.max_skip_fraction:g}): "
+                  f"stop")
+        return _stop(new_state, config, reason, common)
+
+    needs_rollback = corrupted or consecutive >= _rollback_at(config)
+    if needs_rollback:
+        if state.rollbacks >= config.max_rollbacks:
+            reason = (f"{seen}; a rollback is needed but {state.rollbacks} rollbacks were already "
+                      f"done (max_rollbacks={config.max_rollbacks}): stop")
+            return _stop(new_state, config, reason, common)
+        rollback_to = state.last_verified_step if corrupted else state.last_good_step
+        ignore_through = obs.step + config.observation_lag
+        why = ("the model state itself is corrupted (the update or buffer write already happened):"
+               " masking cannot undo it" if corrupted else
+               f"still bad {consecutive} steps in a row, after an LR backoff")
+        reason = (f"{seen}; {why}: roll back to the last snapshot at or before step {rollback_to} "
+                  f"and skip the batches since (rollback {state.rollbacks + 1} of at most "
+                  f"{config.max_rollbacks}){quarantine_note}")
+        new_state = replace(
+            new_state, consecutive_bad=0, rollbacks=state.rollbacks + 1,
+            corruptions=state.corruptions + int(corrupted), ignore_through_step=ignore_through)
+        return Decision(action="rollback", reason=reason, lr_factor=new_state.lr_factor,
+                        rollback_to_step=rollback_to, ignore_through_step=ignore_through,
+                        **common), new_state
+
+    if consecutive == config.backoff_after and state.lr_factor > config.min_lr_factor:
+        lr_factor = max(config.min_lr_factor, state.lr_factor * config.backoff_factor)
+        reason = (f"{seen}; {consecutive} bad steps in a row (backoff_after="
+                  f"{config.backoff_after}): LR factor {state.lr_factor:g} -> {lr_factor:g}, "
+                  f"restored over {config.recover_steps} good steps{quarantine_note}")
+        new_state = replace(new_state, lr_factor=lr_factor, recovery_from=lr_factor,
+                            backoffs=state.backoffs + 1)
+        return Decision(action="lr_backoff", reason=reason, lr_factor=lr_factor,
+                        **common), new_state
+
+    masked = "update masked on the device" if not obs.applied else "update was applied"
+    if consecutive == 1:
+        what = f"isolated bad step, {masked}: skipped"
+    elif consecutive == config.backoff_after:  # no backoff above: the factor is at its floor
+        what = (f"{consecutive} bad steps in a row but the LR factor is already at its floor "
+                f"{state.lr_factor:g}, {masked}: skipped")
+    else:
+        what = (f"{consecutive} bad steps in a row (rollback at {_rollback_at(config)}), "
+                f"{masked}: skipped")
+    action = "quarantine" if newly else "skip"
+    return Decision(action=action, reason=f"{seen}; {what}{quarantine_note}",
+                    lr_factor=new_state.lr_factor, **common), new_state
+
+
+def _stop(state: PolicyState, config: PolicyConfig, reason: str,
+          common: dict[str, Any]) -> tuple[Decision, PolicyState]:
+    verdict = explain(state, config)
+    state = replace(state, stopped=True, stop_reason=reason, stop_verdict=verdict)
+    return Decision(action="stop", reason=reason, lr_factor=state.lr_factor, verdict=verdict,
+                    **common), state
+
+
+def _rollback_at(config: PolicyConfig) -> int:
+    """Bad steps in a row that mean "still bad after the backoff": the steps already launched when
+    the backoff was decided (observation_lag) ran at the old LR and do not count as after it."""
+    return config.backoff_after + config.observation_lag + config.rollback_after
+
+
+def _in_window(recent: tuple[BadStep, ...], step: int, config: PolicyConfig) -> tuple[BadStep, ...]:
+    return tuple(bad for bad in recent if bad.step > step - config.skip_window)
+
+
+def _max_lr(current: float, lr: float) -> float:
+    return max(current, lr) if math.isfinite(lr) else current
+
+
+def _encode_float(value: float) -> float | str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def explain(state: PolicyState, config: PolicyConfig | None = None) -> str:
+    """The most likely cause of the bad steps in the window and what to change (a stop's verdict; also
+    usable at the end of any run)."""
+    config = config or PolicyConfig()
+    recent = state.recent
+    window = f"{len(recent)} of the last {config.skip_window} steps"
+    if state.corruptions and state.corruptions * 2 >= max(state.rollbacks, 1):
+        return (f"model parameters or buffers were corrupted {state.corruptions} time(s) after "
+                f"healthy steps: most likely hardware (GPU memory bit flips) or a faulty kernel — "
+                f"check the GPU (nvidia-smi -q -d ECC), run `nanguard diagnose` on the incident, "
+                f"and resume from the last checkpoint on another device")
+    if not recent:
+        return "no incidents in the window" if not state.rollbacks else (
+            f"{state.rollbacks} rollback(s) did not make the run healthy: lower train.lr")
+    kind_counts = Counter(kind for bad in recent for kind in bad.kinds)
+    half = (len(recent) + 1) // 2
+    images = {image_id for bad in recent for image_id in bad.image_ids}
+    if len(recent) == 1 and not state.rollbacks:
+        only = recent[0]
+        return (f"{', '.join(only.kinds)} in a single step ({only.step}) that did not repeat: "
+                f"transient (hardware or non-determinism); nothing to change")
+    if kind_counts["loss_scale_floor"] >= half:
+        return (f"the fp16 loss scale fell below {config.min_loss_scale:g} in "
+                f"{kind_counts['loss_scale_floor']} of the last {config.skip_window} steps: "
+                f"gradients overflow fp16 even unscaled — train with train.amp=bf16 (or off), or "
+                f"lower train.lr")
+    component_counts = Counter(comp for bad in recent for comp in bad.components)
+    if component_counts and kind_counts["nonfinite_loss"] >= half:
+        component, count = component_counts.most_common(1)[0]
+        where = (f"across {len(images)} images" if len(images) > 5 else
+                 f"in only {len(images)} image(s) ({', '.join(map(str, sorted(images, key=str)))})")
+        if len(component_counts) == 4 and all(c >= half for c in component_counts.values()):
+            return (f"every loss component non-finite in {window} {where}: the input images "
+                    f"probably contain NaN/Inf pixels or the normalisation divides by zero — run "
+                    f"`nanguard audit` on the dataset")
+        if component in ("loss_box_reg", "loss_rpn_box_reg"):
+            return (f"{component} non-finite in {count} of the last {config.skip_window} steps "
+                    f"{where}: the data probably has degenerate or non-finite boxes — run "
+                    f"`nanguard audit` on the dataset (with --fix) and train on the cleaned "
+                    f"annotations")
+        return (f"{component} non-finite in {count} of the last {config.skip_window} steps "
+                f"{where}: the logits overflow — lower train.lr, and run `nanguard audit` for "
+                f"broken images")
+    if kind_counts["nonfinite_grad"] >= half:
+        return (f"non-finite gradients with a finite loss in {kind_counts['nonfinite_grad']} of "
+                f"the last {config.skip_window} steps: the backward pass overflows — lower "
+                f"train.lr, keep guard.clip_norm > 0, or train with train.amp=bf16 or off")
+    if kind_counts["model_error"] >= half:
+        last = next(bad.model_error for bad in reversed(recent) if bad.model_error)
+        return (f"the model raised an error on {kind_counts['model_error']} batches (last: "
+                f"{last}): run `nanguard audit` on the dataset; the batches are in "
+                f"incidents.jsonl")
+    spikes = [bad for bad in recent if {"loss_spike", "grad_spike"}.intersection(bad.kinds)]
+    if len(spikes) >= half:
+        at_peak = state.max_lr_seen > 0 and all(
+            bad.lr >= 0.9 * state.max_lr_seen for bad in spikes if math.isfinite(bad.lr))
+        if at_peak:
+            return (f"loss spikes at the peak learning rate, after LR warmup, in {len(spikes)} of "
+                    f"the last {config.skip_window} steps: lower train.lr or raise train.warmup_steps")
+        return (f"loss or gradient-norm spikes in {len(spikes)} of the last "
+                f"{config.skip_window} steps: lower train.lr or lower guard.clip_norm")
+    mixed = ", ".join(f"{kind} x{count}" for kind, count in kind_counts.most_common())
+    return (f"mixed incidents ({mixed}) in {window}: see incidents.jsonl and run "
+            f"`nanguard diagnose` on the first one")
