@@ -117,8 +117,7 @@ def test_rollback_when_still_bad_after_backoff():
     assert state.rollbacks == 1 and state.consecutive_bad == 0 and state.lr_factor == 0.5
 
 
-@pytest.mark.parametrize("flags", [{"nonfinite_param": True}, {"wild_param": True},
-                                   {"nonfinite_buffer": True}])
+@pytest.mark.parametrize("flags", [{"nonfinite_param": True}, {"wild_param": True}])
 def test_corrupted_state_rolls_back_at_once(flags):
     observations = [good(0), good(1, nonfinite_param=None), good(2, nonfinite_param=None),
                     Observation(step=3, total_loss=1.0, grad_norm=1.0, applied=True, **flags)]
@@ -127,6 +126,13 @@ def test_corrupted_state_rolls_back_at_once(flags):
     # params were last checked clean at step 0: steps 1-2 may already hold the corruption
     assert decisions[-1].rollback_to_step == 0
     assert state.corruptions == 1 and "corrupted" in decisions[-1].reason
+
+
+def test_a_nonfinite_buffer_is_a_bad_batch_not_corruption():
+    """The backend masks the BatchNorm write of a bad forward pass: skip, don't roll back."""
+    decisions, state = run([good(0), Observation(step=1, nonfinite_buffer=True, nonfinite_loss=True,
+                                                 applied=False, image_ids=(4,))])
+    assert decisions[-1].action == "skip" and state.rollbacks == 0
 
 
 def test_lagging_observations_after_a_rollback_are_ignored():
@@ -140,7 +146,7 @@ def test_lagging_observations_after_a_rollback_are_ignored():
 
 def test_observation_lag_is_configurable():
     config = PolicyConfig(observation_lag=2)
-    decisions, _ = run([good(0), Observation(step=1, nonfinite_buffer=True)], config)
+    decisions, _ = run([good(0), Observation(step=1, wild_param=True, nonfinite_param=False)], config)
     assert decisions[-1].ignore_through_step == 3
 
 

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a YAML file or a preset name: demo (default), coco_r50")
     p.add_argument("--out", metavar="RUN_DIR", default=None, help="run folder (default runs/<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="resume the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="train until step N (overrides train.steps)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="stop after step N (default train.steps); the LR schedule still spans train.steps, so a run "
+                        "stopped early resumes exactly")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--inject", action="append", default=[], metavar="SPEC",
                    help="fault injection KIND@STEP[:key=value...] (repeatable)")

@@ -152,6 +152,8 @@ def _convert(key: str, value: Any, annotation: Any, source: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(key, value, inner[0], source)
     if origin is Literal:
+        if isinstance(value, bool) and ("off" if not value else "on") in args:
+            value = "off" if not value else "on"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in args:
             raise UserError(f"{source}: {key}={value!r} is not valid; choose one of {', '.join(map(str, args))}")
         return value
@@ -234,8 +236,8 @@ def apply_override(cfg: Config, override: str) -> Config:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) is False and raw.strip().lower() in ("nan", ".nan", "inf", ".inf"):
-        value = raw
+    if raw.strip().lower() in ("on", "off", "yes", "no", "y", "n", "nan", ".nan", "inf", ".inf"):
+        value = raw.strip()  # YAML 1.1 would turn these into booleans or floats
     parts = key.split(".")
     node: dict[str, Any] = {}
     cursor = node

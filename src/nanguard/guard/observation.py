@@ -32,13 +32,16 @@ INCIDENT_KINDS: tuple[str, ...] = (
     "grad_spike",
 )
 
-# Kinds that mean the model state is already corrupted: the update happened (or a buffer was written)
-# with nothing masked, so skipping cannot help; only a rollback can.
-CORRUPTION_KINDS: frozenset[str] = frozenset({"nonfinite_param", "wild_param", "nonfinite_buffer"})
+# Kinds that mean the model state is already corrupted: the update happened with nothing masked (a
+# flipped bit in a weight), so skipping cannot help; only a rollback can.
+CORRUPTION_KINDS: frozenset[str] = frozenset({"nonfinite_param", "wild_param"})
 
 # Kinds that point at the batch: the images in it are implicated (and counted for quarantine).
+# nonfinite_buffer is one of them: it is the BatchNorm statistics this batch's forward pass wrote, and
+# the backend puts them back with the rest of the step. A buffer corrupted for good makes every later
+# step bad too, which the "still bad after the backoff" rule turns into a rollback.
 DATA_KINDS: frozenset[str] = frozenset(
-    {"model_error", "nonfinite_loss", "nonfinite_grad", "loss_spike", "grad_spike"}
+    {"model_error", "nonfinite_loss", "nonfinite_grad", "nonfinite_buffer", "loss_spike", "grad_spike"}
 )
 
 

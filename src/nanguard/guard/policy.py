@@ -6,7 +6,7 @@ plain data that goes into a checkpoint (`PolicyState.to_dict` / `from_dict`).
 Rules, in the order they are checked for a bad step (one with at least one incident kind):
 1. budgets: more than `max_skip_fraction * skip_window` bad steps among the last `skip_window` steps
    -> stop; a rollback needed after `max_rollbacks` rollbacks -> stop. Both come with a verdict.
-2. a non-finite or wild parameter, or a non-finite buffer (the model state is already wrong; masking the
+2. a non-finite or wild parameter (the model state is already wrong; masking the
    update cannot help) -> rollback at once.
 3. `rollback_after` more bad steps in a row that ran with the lowered LR (so
    `backoff_after + observation_lag + rollback_after` in a row) -> rollback.

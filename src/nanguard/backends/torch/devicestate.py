@@ -107,14 +107,16 @@ def bn_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     return found
 
 
-def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> bool:
     """Create the optimizer's per-parameter state now, exactly as its first step would.
 
     torch creates state lazily on the first step, so a masked first step would still leave state
     behind (and SGD's momentum buffer would hold garbage). Made up front, a masked step changes
     nothing. SGD's first step sets buf = grad; a zero buffer gives buf = 0 * m + grad = grad bit for bit
-    when dampening is 0 (the default); with dampening the state stays lazy.
+    when dampening is 0 (the default). Returns False where some state stays lazy (SGD with dampening,
+    optimizers other than SGD/Adam/AdamW): the guard then checks the first step on the host.
     """
+    exact = True
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state[p]
@@ -123,6 +125,8 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             if isinstance(optimizer, torch.optim.SGD):
                 if group.get("momentum", 0) and not group.get("dampening", 0):
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif group.get("momentum", 0):
+                    exact = False
             elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
                 fused_or_capturable = group.get("fused") or group.get("capturable")
                 state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device)
@@ -131,6 +135,9 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group.get("amsgrad"):
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                exact = False
+    return exact
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -112,7 +112,9 @@ class Guard:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self.params[0].device
         self.fused = all(group.get("fused") for group in optimizer.param_groups)
-        materialize_optimizer_state(optimizer)  # a masked first step must leave no state behind
+        # a masked first step must leave no state behind: create it now, or (where torch's lazy state
+        # cannot be reproduced exactly) check the steps until it exists on the host
+        self._lazy_state = not materialize_optimizer_state(optimizer)
         self.buffers = bn_buffers(model)
         self._buffer_snapshot = [b.detach().clone() for b in self.buffers]
         c = self.config
@@ -176,7 +178,13 @@ class Guard:
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
 
         # masked update: optimizer, BatchNorm buffers, schedule, loss scale
+        stateless = [p for p in self.params if not self.optimizer.state.get(p)] if self._lazy_state else []
         lr = self._masked_optimizer_step(skip, faults.lr_factor)
+        if stateless and bool(skip):  # sync-ok: only until a lazily-created optimizer state exists
+            for p in stateless:
+                self.optimizer.state.pop(p, None)  # created by a masked step: as if it never ran
+        elif stateless:
+            self._lazy_state = False
         self._restore_where(skip, self.buffers, self._buffer_snapshot)
         if self.schedule is not None:
             self.schedule.advance(~skip)

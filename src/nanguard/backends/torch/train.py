@@ -116,8 +116,11 @@ def _line(record: dict[str, Any]) -> str:
     return dumps(record) + "\n"
 
 
-def train(cfg: Config, run_dir: Path, *, resuming: bool, device: torch.device, quiet: bool) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`; returns final.json's content."""
+def train(cfg: Config, run_dir: Path, *, resuming: bool, device: torch.device, quiet: bool,
+          stop_at: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir` until step `stop_at` (default: train.steps; the LR
+    schedule always spans train.steps, so stopping early and resuming changes nothing); returns
+    final.json's content."""
     torch.manual_seed(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -158,7 +161,7 @@ def train(cfg: Config, run_dir: Path, *, resuming: bool, device: torch.device, q
         _truncate_logs(run_dir, step)
         incidents = guard.incidents = IncidentLog(run_dir / "incidents.jsonl", resume=True)
 
-    total_steps = cfg.train.steps
+    total_steps = cfg.train.steps if stop_at is None else stop_at
     progress = TrainProgress(total_steps, start=step, enabled=not quiet)
     window_start, window_images = time.perf_counter(), 0
     started = time.perf_counter()

@@ -25,8 +25,6 @@ def run(args) -> int:
 
             for override in args.overrides:
                 cfg = apply_override(cfg, override)
-        if args.steps is not None:
-            cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
         if args.inject:
             cfg = replace(cfg, inject=list(cfg.inject) + [s for s in args.inject if s not in cfg.inject])
         validate(cfg)
@@ -38,7 +36,7 @@ def run(args) -> int:
         raise UserError("--resume takes the config saved in the run folder; drop --config")
     device = pick_device(args.device)
     run_dir, cfg, resuming = prepare_run_dir(args.out, args.resume, make_config)
-    final = train(cfg, run_dir, resuming=resuming, device=device, quiet=args.quiet)
+    final = train(cfg, run_dir, resuming=resuming, device=device, quiet=args.quiet, stop_at=args.steps)
     if args.json:
         print(dumps(final, indent=2))
     elif not args.quiet:

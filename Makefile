@@ -1,0 +1,31 @@
+# nanguard: `make demo` and `make test` each do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# The main job: generate the shapes dataset (once), train the demo preset on the CPU, evaluate.
+demo: install
+	$(VENV)/bin/nanguard train --config demo --out $(RUN)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/guard_overhead.py
+	$(PY) benchmarks/audit_speed.py --annotations 200000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build src/*.egg-info

@@ -1,0 +1,41 @@
+"""Shared fixtures: a small generated dataset and tiny configs, so the suite stays within minutes on a
+2-core CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COCO_TINY = Path(os.environ.get("NANGUARD_COCO_TINY", REPO.parent / "shared" / "data" / "coco_tiny"))
+
+# A tiny Faster R-CNN on 64-px images: a step takes ~0.1 s here.
+TINY = [
+    "model.min_size=64", "model.max_size=64", "model.rpn_pre_nms_top_n_train=100",
+    "model.rpn_post_nms_top_n_train=50", "model.rpn_pre_nms_top_n_test=50", "model.rpn_post_nms_top_n_test=30",
+    "model.box_batch_size_per_image=32", "train.batch_size=2", "train.warmup_steps=2", "train.log_every=1",
+    "data.prefetch=1", "eval.batch_size=8", "train.threads=1",
+]
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """24 train + 8 val generated images at 64 px (3 classes)."""
+    from nanguard.data.synth import generate
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate(root, images=24, val_images=8, size=64, classes=3, seed=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def coco_tiny() -> Path:
+    if not (COCO_TINY / "annotations" / "instances_train2017.json").exists():
+        pytest.skip(f"real COCO images not found at {COCO_TINY} (set NANGUARD_COCO_TINY)")
+    return COCO_TINY
+
+
+def tiny_args(root: Path, *extra: str) -> list[str]:
+    return [f"data.root={root}", *TINY, *extra]

@@ -1,0 +1,87 @@
+"""Bad input: exit 2, one line on stderr naming the file or key and the fix, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_args
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run([sys.executable, "-m", "nanguard.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def _assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, shapes):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "truncated.json").write_text('{"images": [{"id": 1, "file_')
+    (d / "list.json").write_text("[1, 2, 3]")
+    (d / "notrun").mkdir()
+    (d / "corrupt.pt").write_bytes(b"\x80\x02not a pickle at all")
+    torch.save({"weight": torch.zeros(3)}, d / "foreign.pt")
+    return d
+
+
+def test_bad_data_paths_and_files(shapes, bad_files, tmp_path):
+    val = [f"data.val_ann={shapes}/annotations/instances_val.json", f"data.val_images={shapes}/val"]
+    _assert_user_error(_run("train", "--quiet", "--out", str(tmp_path / "a"), "data.root=/no/such/dir"),
+                       "data.root=/no/such/dir", "nanguard synth")
+    _assert_user_error(_run("train", "--quiet", "--out", str(tmp_path / "b"), f"data.train_ann={bad_files}/truncated.json",
+                            f"data.train_images={shapes}/train", *val, "data.audit=off"), "truncated.json", "JSON")
+    _assert_user_error(_run("train", "--quiet", "--out", str(tmp_path / "c"), f"data.train_ann={bad_files}/list.json",
+                            f"data.train_images={shapes}/train", *val, "data.audit=off"), "list.json", "COCO")
+    _assert_user_error(_run("train", "--quiet", "--out", str(tmp_path / "d"), f"data.train_ann={shapes}/annotations/instances_train.json",
+                            "data.train_images=/no/images", *val), "/no/images")
+
+
+def test_bad_config(shapes, tmp_path):
+    _assert_user_error(_run("train", "--quiet", "--out", str(tmp_path / "a"), "train.lrr=0.1"), "train.lrr", "train.lr")
+    _assert_user_error(_run("train", "--quiet", "--out", str(tmp_path / "b"), "train.batch_size=-1"), "train.batch_size")
+    _assert_user_error(_run("train", "--quiet", "--out", str(tmp_path / "c"), "--config", "nope"), "nope", "preset")
+    _assert_user_error(_run("train", "--quiet", "--out", str(tmp_path / "d"), "--inject", "nan_inptu@3"),
+                       "nan_inptu", "nan_input")
+
+
+def test_bad_checkpoints_and_resume(bad_files, tmp_path):
+    _assert_user_error(_run("eval", str(bad_files / "corrupt.pt")), "corrupt.pt", "checkpoint")
+    _assert_user_error(_run("eval", str(bad_files / "foreign.pt")), "foreign.pt", "not a nanguard checkpoint")
+    _assert_user_error(_run("eval", str(bad_files / "notrun")), "notrun")
+    _assert_user_error(_run("train", "--quiet", "--resume", str(bad_files / "notrun")), "notrun", "not a run folder")
+    _assert_user_error(_run("train", "--quiet", "model.weights=" + str(bad_files / "corrupt.pt"),
+                            "--out", str(tmp_path / "w")), "corrupt.pt")
+
+
+def test_existing_run_is_not_overwritten(shapes, tmp_path):
+    out = tmp_path / "run"
+    ok = _run("train", "--quiet", "--out", str(out), "--steps", "1", *tiny_args(shapes), "train.eval_at_end=false")
+    assert ok.returncode == 0, ok.stderr
+    before = (out / "config.yaml").read_bytes()
+    _assert_user_error(_run("train", "--quiet", "--out", str(out), *tiny_args(shapes)), "--resume")
+    assert (out / "config.yaml").read_bytes() == before
+
+
+def test_torn_checkpoint_on_resume_is_a_user_error(shapes, tmp_path):
+    out = tmp_path / "run"
+    assert _run("train", "--quiet", "--out", str(out), "--steps", "2", *tiny_args(shapes),
+                "train.checkpoint_every=1", "train.eval_at_end=false").returncode == 0
+    newest = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # damaged on disk after it was written
+    _assert_user_error(_run("train", "--quiet", "--resume", str(out)), newest.name)

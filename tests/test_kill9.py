@@ -1,0 +1,110 @@
+"""Kill -9 anywhere, resume, and end bit-identical to the run that was never killed.
+
+The killed runs are real subprocesses sent SIGKILL at random moments (seeded), and one is killed from
+inside `torch.save` halfway through writing a checkpoint, so the atomic write is what is being tested.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_args
+from nanguard.backends.torch.checkpoint import list_checkpoints, load_checkpoint
+from nanguard.cli import main
+
+STEPS = 10
+COMMON = [f"train.steps={STEPS}", "train.checkpoint_every=2", "train.eval_at_end=false"]
+
+# Runs nanguard in a child that SIGKILLs itself halfway through writing its second checkpoint.
+TORN_WRITE = """
+import os, signal, sys, torch
+real_save, calls = torch.save, [0]
+def torn_save(obj, f, *a, **k):
+    calls[0] += 1
+    if calls[0] == 2:
+        import io
+        buffer = io.BytesIO(); real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2]); f.flush(); os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+torch.save = torn_save
+from nanguard.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _child(args: list[str], code: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "nanguard.cli", *args]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _same(a: Path, b: Path) -> None:
+    x, y = load_checkpoint(list_checkpoints(a)[-1][1]), load_checkpoint(list_checkpoints(b)[-1][1])
+    assert x["step"] == y["step"] == STEPS
+    for key in x["model"]:
+        assert torch.equal(x["model"][key], y["model"][key]), key
+    for pid, state in x["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, y["optimizer"]["state"][pid][name]), (pid, name)
+    assert x["data"] == y["data"] and x["guard"]["steps_run"] == y["guard"]["steps_run"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(shapes, tmp_path):
+    reference = tmp_path / "reference"
+    assert main(["train", "--quiet", "--out", str(reference), *tiny_args(shapes), *COMMON]) == 0
+
+    run = tmp_path / "killed"
+    rng = random.Random(1234)
+    first = True
+    kills = 0
+    for _ in range(6):
+        args = ["train", "--quiet"] + (["--out", str(run), *tiny_args(shapes), *COMMON] if first
+                                       else ["--resume", str(run)])
+        child = _child(args)
+        time.sleep(rng.uniform(2.0, 7.0))  # the child spends ~2-4 s importing torch, then ~0.1 s a step
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+            kills += 1
+        child.wait()
+        first = first and not (run / "config.yaml").exists()
+        if child.returncode == 0:
+            break
+    assert kills >= 1
+    final = _child(["train", "--quiet", "--resume", str(run)])
+    _, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err.decode()
+    _same(reference, run)
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+def test_sigkill_during_a_checkpoint_write(shapes, tmp_path):
+    reference = tmp_path / "reference"
+    assert main(["train", "--quiet", "--out", str(reference), *tiny_args(shapes), *COMMON]) == 0
+
+    run = tmp_path / "torn"
+    child = _child(["train", "--quiet", "--out", str(run), *tiny_args(shapes), *COMMON], code=TORN_WRITE)
+    child.communicate(timeout=300)
+    assert child.returncode == -signal.SIGKILL
+    # the half-written file never got a checkpoint's name; the first checkpoint is intact
+    assert [step for step, _ in list_checkpoints(run)] == [2]
+    assert list((run / "checkpoints").glob(".step_*.tmp"))  # the torn temp file, ignored
+    load_checkpoint(list_checkpoints(run)[0][1])
+
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0
+    _same(reference, run)

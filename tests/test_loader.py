@@ -1,0 +1,104 @@
+"""The COCO index and the deterministic, replayable loader (framework-free)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nanguard.data.coco import build_index, read_coco_json
+from nanguard.data.loader import BatchSampler, Loader
+from nanguard.errors import UserError
+
+
+def _index(shapes: Path):
+    ann = shapes / "annotations/instances_train.json"
+    return build_index(read_coco_json(ann), ann, shapes / "train")
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+    a, b = BatchSampler(10, 3, seed=4), BatchSampler(10, 3, seed=4)
+    keys_a = [a.next_key() for _ in range(7)]
+    keys_b = [b.next_key() for _ in range(7)]
+    assert keys_a == keys_b
+    assert keys_a[0].epoch == 0 and keys_a[3].epoch == 1  # 10 // 3 = 3 batches an epoch (drop_last)
+    assert a.keys_at(1, 0) == keys_a[3]  # replay any past batch
+    assert BatchSampler(10, 3, seed=5).next_key() != keys_a[0]
+
+
+def test_state_round_trip_and_skip():
+    a = BatchSampler(11, 2, seed=0)
+    for _ in range(4):
+        a.next_key()
+    b = BatchSampler(11, 2, seed=0)
+    b.load_state_dict(a.state_dict())
+    assert [a.next_key() for _ in range(9)] == [b.next_key() for _ in range(9)]
+    c, d = BatchSampler(11, 2, seed=0), BatchSampler(11, 2, seed=0)
+    c.skip(3)
+    for _ in range(3):
+        d.next_key()
+    assert c.next_key() == d.next_key()
+
+
+def test_quarantine_applies_from_the_next_epoch():
+    s = BatchSampler(8, 2, seed=0)
+    first = s.next_key()
+    s.quarantine([first.indices[0]])
+    rest_of_epoch = [s.next_key() for _ in range(3)]
+    assert all(k.epoch == 0 for k in rest_of_epoch)
+    next_epoch = [i for _ in range(3) for i in s.next_key().indices]
+    assert first.indices[0] not in next_epoch
+    assert s.state_dict()["quarantined"] == [first.indices[0]]
+
+
+def test_batches_carry_ids_and_are_deterministic(shapes):
+    index = _index(shapes)
+    one = Loader(index, 4, seed=3, prefetch=2)
+    two = Loader(index, 4, seed=3, prefetch=0)
+    for _ in range(8):
+        a, b = one.next(), two.next()
+        assert a.key == b.key and a.image_ids == b.image_ids and a.annotation_ids == b.annotation_ids
+        for x, y in zip(a.images, b.images):
+            assert np.array_equal(x, y)
+        for boxes, image, anns in zip(a.boxes, a.images, a.annotation_ids):
+            assert len(boxes) == len(anns)
+            assert (boxes[:, 2] <= image.shape[1] + 1e-3).all() and (boxes[:, 0] >= -1e-3).all()
+    state = one.state_dict()  # prefetched batches are not part of the state
+    three = Loader(index, 4, seed=3, prefetch=0)
+    three.load_state_dict(state)
+    assert one.next().key == three.next().key
+    one.close()
+
+
+def test_crowd_boxes_excluded_and_empty_images_kept(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "img/a.png")
+    Image.new("RGB", (32, 32), (30, 20, 10)).save(tmp_path / "img/b.png")
+    doc = {"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32},
+                      {"id": 2, "file_name": "b.png", "width": 32, "height": 32}],
+           "annotations": [{"id": 10, "image_id": 1, "category_id": 7, "bbox": [1, 2, 10, 5], "iscrowd": 0},
+                           {"id": 11, "image_id": 1, "category_id": 7, "bbox": [0, 0, 30, 30], "iscrowd": 1}],
+           "categories": [{"id": 7, "name": "x"}, {"id": 3, "name": "y"}]}
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(doc))
+    index = build_index(read_coco_json(ann), ann, tmp_path / "img")
+    assert index.category_ids == (3, 7)  # sorted ids -> contiguous labels 1..K
+    first, second = index.records
+    assert first.annotation_ids == (10,) and first.labels.tolist() == [2]
+    assert first.boxes.tolist() == [[1.0, 2.0, 11.0, 7.0]]  # xywh -> xyxy
+    assert second.boxes.shape == (0, 4)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{\"images\": [", "not valid JSON"),
+    ("[1, 2]", "not a COCO detection file"),
+    ("{\"images\": [], \"annotations\": []}", "no 'categories'"),
+])
+def test_bad_annotation_files(tmp_path, content, message):
+    path = tmp_path / "x.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        read_coco_json(path)
+    with pytest.raises(UserError, match="no such annotation file"):
+        read_coco_json(tmp_path / "missing.json")
