@@ -61,7 +61,7 @@ def training_index(cfg: Config, paths: DataPaths, run_dir: Path, quiet: bool) ->
     if cfg.data.audit == "off":
         document = read_coco_json(paths.train_ann)
     else:
-        from nanguard.audit import audit_and_clean
+        from nanguard.audit import CHECKS, audit_and_clean
 
         if not paths.train_images.is_dir():
             raise UserError(f"{paths.train_images}: no such image folder; check data.train_images")
@@ -69,7 +69,7 @@ def training_index(cfg: Config, paths: DataPaths, run_dir: Path, quiet: bool) ->
         atomic_write_json(run_dir / "audit.json", report.to_json())
         if report.errors and cfg.data.audit == "strict":
             checks = ", ".join(f"{name} ({count})" for name, count in report.summary["by_check"].items()
-                               if count)
+                               if count and name in CHECKS and CHECKS[name].severity == "error")
             raise UserError(f"{paths.train_ann}: the audit found {report.errors} error(s): {checks}; see "
                             f"{run_dir / 'audit.json'}, or clean it with `nanguard audit --fix`")
         if not quiet:

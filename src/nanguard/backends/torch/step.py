@@ -76,6 +76,10 @@ class UnguardedStep(Guard):
         self.steps_run += 1
         return outcomes
 
+    def skip_batch(self, error: BaseException, **ids):
+        """Unguarded, a batch the model refuses ends the run, as in torchvision's reference."""
+        raise error
+
     def _set_lr(self, fault_factor: float) -> torch.Tensor:
         if self.schedule is None:
             return torch.as_tensor(self.optimizer.param_groups[0]["lr"], dtype=torch.float32)
