@@ -75,7 +75,7 @@ class Observation:
     scale_overflow: bool = False
     applied: bool = True
     image_ids: tuple = ()
-    annotation_ids: tuple = ()
+    annotation_ids: tuple = ()  # one tuple per image, aligned with image_ids
     rank: int = 0
 
     def __post_init__(self) -> None:
@@ -169,9 +169,11 @@ def _fmt(value: Any) -> str:
         return str(value)
 
 
-def _plain_id(value: Any) -> int | str:
+def _plain_id(value: Any) -> int | str | tuple:
     if isinstance(value, (int, str)) and not isinstance(value, bool):
         return value
+    if isinstance(value, (tuple, list)):  # annotation ids come grouped per image, aligned with image_ids
+        return tuple(_plain_id(v) for v in value)
     if hasattr(value, "__index__"):
         return int(value.__index__())
     return str(value)

@@ -137,17 +137,8 @@ class Guard:
         """Backward, check, clip, masked update, then the policy on the previous step's observation."""
         faults = faults or NoFaults()
         step = self.steps_run
-        losses = faults.on_losses(dict(losses))
-        names = tuple(sorted(losses))
-        components = torch.stack([losses[n].detach().float().reshape(()) for n in names])
-        total = sum(losses[n] for n in names)
-        scaler_on = self.scaler is not None and self.scaler.is_enabled()
-
-        # backward (fp16: scaled) and the unscale; GradScaler's found_inf stays on the device
-        (self.scaler.scale(total) if scaler_on else total).backward()
-        faults.after_backward(self.params)
+        names, components, total, scaler_on = self._backward(losses, faults)
         if scaler_on:
-            self.scaler.unscale_(self.optimizer)
             overflow = self._scaler_found_inf()
         grads = [p.grad for p in self.params if p.grad is not None]
 
@@ -214,6 +205,20 @@ class Guard:
         self._pending = self._send(step, vector, names, image_ids, annotation_ids)
         self.steps_run += 1
         return outcomes
+
+    def _backward(self, losses: dict[str, torch.Tensor], faults: NoFaults):
+        """Sum the components and backpropagate (fp16: scaled, then unscaled; GradScaler's found_inf
+        stays on the device). Returns (names, components [C] float32, total, scaler_on)."""
+        losses = faults.on_losses(dict(losses))
+        names = tuple(sorted(losses))
+        components = torch.stack([losses[n].detach().float().reshape(()) for n in names])
+        total = sum(losses[n] for n in names)
+        scaler_on = self.scaler is not None and self.scaler.is_enabled()
+        (self.scaler.scale(total) if scaler_on else total).backward()
+        faults.after_backward(self.params)
+        if scaler_on:
+            self.scaler.unscale_(self.optimizer)
+        return names, components, total, scaler_on
 
     def skip_batch(self, error: BaseException, *, image_ids: tuple = (), annotation_ids: tuple = ()) -> list[Outcome]:
         """The model raised on a batch (torchvision's degenerate-box check, say): put back what its

@@ -47,14 +47,7 @@ class UnguardedStep(Guard):
 
     def step(self, losses, *, image_ids=(), annotation_ids=(), faults=None):
         faults = faults or NoFaults()
-        losses = faults.on_losses(dict(losses))
-        names = tuple(sorted(losses))
-        total = sum(losses[n] for n in names)
-        scaler_on = self.scaler is not None and self.scaler.is_enabled()
-        (self.scaler.scale(total) if scaler_on else total).backward()
-        faults.after_backward(self.params)
-        if scaler_on:
-            self.scaler.unscale_(self.optimizer)
+        names, components, total, scaler_on = self._backward(losses, faults)
         clip = self.config.clip_norm if self.config.clip_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         lr = self._set_lr(faults.lr_factor)
@@ -68,9 +61,9 @@ class UnguardedStep(Guard):
             self.schedule.advance(torch.ones((), dtype=torch.bool, device=self.device))
         faults.after_update(self.params)
         zero = torch.zeros((), device=self.device)
-        vector = torch.cat([torch.stack([losses[n].detach().float().reshape(()) for n in names]), torch.stack([
+        vector = torch.cat([components, torch.stack([
             total.detach().float(), grad_norm.float(), lr.float(), torch.full((), math.nan, device=self.device),
-            *([zero] * 5), zero, zero, zero, zero, torch.ones((), device=self.device)])])
+            *([zero] * 9), torch.ones((), device=self.device)])])  # no flags; always applied
         outcomes = self._take_pending()
         self._pending = self._send(self.steps_run, vector, names, image_ids, annotation_ids)
         self.steps_run += 1

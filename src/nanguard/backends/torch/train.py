@@ -163,11 +163,13 @@ def train(cfg: Config, run_dir: Path, *, resuming: bool, device: torch.device, q
 
     total_steps = cfg.train.steps if stop_at is None else stop_at
     progress = TrainProgress(total_steps, start=step, enabled=not quiet)
-    window_start, window_images = time.perf_counter(), 0
+    # (time, images so far) when each step had run, for img/s between two metrics lines
+    marks: dict[int, tuple[float, int]] = {step - 1: (time.perf_counter(), 0)}
+    last_logged, images_seen = step - 1, 0
     started = time.perf_counter()
 
     def handle(outcomes: list[Outcome]) -> None:
-        nonlocal window_start, window_images
+        nonlocal last_logged
         for outcome in outcomes:
             obs, decision = outcome.observation, outcome.decision
             if decision.quarantine:
@@ -175,9 +177,11 @@ def train(cfg: Config, run_dir: Path, *, resuming: bool, device: torch.device, q
             if decision.kinds and not decision.ignored:
                 progress.incident(obs.step, decision)
             if obs.step % cfg.train.log_every == 0 or obs.step == total_steps - 1:
-                now = time.perf_counter()
-                rate = window_images / max(now - window_start, 1e-9)
-                window_start, window_images = now, 0
+                (t0, n0), (t1, n1) = marks[last_logged], marks[obs.step]
+                rate = (n1 - n0) / max(t1 - t0, 1e-9)
+                for old in [k for k in marks if k < obs.step]:
+                    del marks[old]
+                last_logged = obs.step
                 append_jsonl(run_dir / "metrics.jsonl", json_safe({
                     "step": obs.step, **obs.losses, "total_loss": obs.total_loss, "lr": obs.lr,
                     "grad_norm": obs.grad_norm, "images_per_second": round(rate, 3), "applied": obs.applied,
@@ -191,10 +195,13 @@ def train(cfg: Config, run_dir: Path, *, resuming: bool, device: torch.device, q
                 try:
                     batch = loader.next()
                 except BatchLoadError as err:  # an unreadable image: an incident, not the end of the run
+                    marks[step] = (time.perf_counter(), images_seen)
                     handle(guard.skip_batch(err.cause, image_ids=err.image_ids))
                 else:
-                    handle(train_step(model, guard, batch, device=device, amp=cfg.train.amp, faults=faults))
-                    window_images += len(batch.images)
+                    outcomes = train_step(model, guard, batch, device=device, amp=cfg.train.amp, faults=faults)
+                    images_seen += len(batch.images)
+                    marks[step] = (time.perf_counter(), images_seen)
+                    handle(outcomes)
                 step += 1
                 progress.advance(step)
                 if step % cfg.train.checkpoint_every == 0 or step == total_steps or guard.stopped:

@@ -1,0 +1,263 @@
+"""Shared pieces of the training benchmarks: the machine description, synthetic batches held as tensors,
+models built the way `nanguard train` builds them, interleaved timing, the table, and the JSON file.
+
+Interleaved timing: variants run in blocks of a few steps, in rotating order (A B C, B C A, C A B, ...),
+so that whatever else the machine is doing (another process, thermal drift) lands on every variant
+alike. Ratios are taken per round between neighbouring blocks and summarised by their median, which a
+slow block now and then does not move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO / "src"))
+
+from nanguard.fileio import atomic_write_json, json_safe  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------
+# Machine and output
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """What ran the benchmark: CPU, core count, torch and torchvision versions, the device's name."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+    }
+    try:
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    try:
+        import torch
+        import torchvision
+
+        info.update(torch=torch.__version__, torchvision=torchvision.__version__,
+                    torch_threads=torch.get_num_threads())
+        if device == "cuda" and torch.cuda.is_available():
+            info["device_name"] = torch.cuda.get_device_name(0)
+            info["cuda"] = torch.version.cuda
+        else:
+            info["device_name"] = f"cpu ({info['cpu_model']}, {os.cpu_count()} cores)"
+    except ImportError:
+        info["device_name"] = "cpu"
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_json(path: str | os.PathLike[str], result: dict[str, Any]) -> Path:
+    """Strict JSON (non-finite numbers become "nan"/"inf" strings), written atomically."""
+    return atomic_write_json(path, json_safe(result))
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]], *, plain: bool = False) -> None:
+    """A table on stdout: rich when it is installed (and not `plain`), aligned text otherwise."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    if not plain:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title=title)
+            for i, name in enumerate(columns):
+                table.add_column(name, justify="left" if i == 0 else "right")
+            for row in cells:
+                table.add_row(*row)
+            widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+            Console(width=max(80, sum(widths) + 3 * len(columns) + 2)).print(table)
+            return
+        except ImportError:
+            pass
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print(title)
+    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
+    for row in cells:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data and models
+
+
+def synthetic_batches(count: int, batch_size: int, size: int, classes: int, device, seed: int = 0):
+    """`count` batches of nanguard's synthetic shapes rendered at `size` px (in memory, no files), as
+    device tensors: a list of (images: list of [3, S, S] float32 in [0, 1], targets: list of
+    {boxes: [N, 4] xyxy float32, labels: [N] int64}, image_ids)."""
+    import numpy as np
+
+    from nanguard.backends.torch.data import to_tensors
+    from nanguard.data.loader import Batch, BatchKey
+    from nanguard.data.synth import render
+
+    batches = []
+    for b in range(count):
+        images, boxes, labels, ids = [], [], [], []
+        for i in range(batch_size):
+            index = b * batch_size + i + 1
+            pixels, shapes = render(seed, 0, index, size, classes)
+            images.append(pixels)
+            boxes.append(np.asarray([s.box for s in shapes], dtype=np.float32).reshape(-1, 4))
+            labels.append(np.asarray([s.category_id for s in shapes], dtype=np.int64))  # ids 1..K = labels
+            ids.append(index)
+        batch = Batch(BatchKey(0, b, tuple(ids)), images, boxes, labels, tuple(ids),
+                      tuple(tuple(range(len(x))) for x in boxes))
+        tensors = to_tensors(batch, device)
+        batches.append((*tensors, tuple(ids)))
+    return batches
+
+
+def bench_config(model: str, size: int, amp: str, batch: int, overrides: list[str] = ()):
+    """The run config `nanguard train` would use: the demo preset for the CPU models, coco_r50 (800 px,
+    torchvision's proposal counts) for resnet50_fpn; the model's resize set to the images' size."""
+    from nanguard.config import load_config
+
+    preset = "coco_r50" if model == "resnet50_fpn" else "demo"
+    base = load_config(preset)
+    max_size = max(size, base.model.max_size)
+    return load_config(preset, [f"model.name={model}", f"model.min_size={size}", f"model.max_size={max_size}",
+                                f"train.amp=\"{amp}\"", f"train.batch_size={batch}", *overrides])
+
+
+@contextlib.contextmanager
+def preloaded_tensors():
+    """While active, `train_step` takes a batch from `preloaded_batch` (tensors already on the device)
+    instead of converting a numpy `Batch` with `to_tensors`: data conversion is timed on no side."""
+    from nanguard.backends.torch import step as step_module
+
+    original = step_module.to_tensors
+    step_module.to_tensors = lambda batch, device: (batch.images, batch.targets)
+    try:
+        yield
+    finally:
+        step_module.to_tensors = original
+
+
+def preloaded_batch(batches: list, i: int) -> SimpleNamespace:
+    """Batch `i` (cycled) of `synthetic_batches`, shaped like a loader `Batch` for `train_step`."""
+    images, targets, ids = batches[i % len(batches)]
+    return SimpleNamespace(images=images, targets=targets, image_ids=ids, annotation_ids=())
+
+
+def build_models(cfg, num_classes: int, device, copies: int, seed: int = 0) -> list:
+    """`copies` models with identical random weights, in train mode."""
+    import torch
+
+    from nanguard.backends.torch.model import build_model
+
+    torch.manual_seed(seed)
+    first = build_model(cfg.model, num_classes).to(device)
+    first.train()
+    return [first] + [copy.deepcopy(first) for _ in range(copies - 1)]
+
+
+def synchronizer(device) -> Callable[[], None]:
+    """Waits for the device (CUDA) before a clock is read; a no-op on the CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interleaved timing
+
+
+def interleaved(variants: dict[str, Callable[[int], None]], *, rounds: int, block: int, warmup: int,
+                sync: Callable[[], None], progress: bool = True) -> dict[str, dict[str, list[float]]]:
+    """Run each variant's `step(i)` (i counts that variant's steps) `warmup` times, then `rounds` rounds
+    of one block of `block` steps per variant, the order rotated every round. Returns, per variant, the
+    wall seconds (`wall`) and this process's CPU seconds (`cpu`, all threads) of each timed block, in
+    round order. CPU time is what a step costs when other processes take the cores away (the wall
+    clock counts their time too); it is meaningful with --threads 1 (idle OpenMP threads spin)."""
+    names = list(variants)
+    counters = dict.fromkeys(names, 0)
+
+    def run(name: str, steps: int) -> None:
+        fn = variants[name]
+        for _ in range(steps):
+            fn(counters[name])
+            counters[name] += 1
+
+    for name in names:
+        started = time.perf_counter()
+        run(name, warmup)
+        sync()
+        if progress:
+            print(f"  warm-up {name}: {warmup} steps, {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            sync()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            run(name, block)
+            sync()
+            times[name]["wall"].append(time.perf_counter() - started)
+            times[name]["cpu"].append(time.process_time() - cpu_started)
+        if progress:
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {times[n]['wall'][-1] / block:.3f} s/step (cpu {times[n]['cpu'][-1] / block:.3f})"
+                for n in names), file=sys.stderr)
+    return times
+
+
+def summarize(times: dict[str, dict[str, list[float]]], *, baseline: str, block: int,
+              batch_size: int) -> dict[str, Any]:
+    """Per variant: img/s over all timed steps, median s/step, and the time ratio against `baseline`
+    (total, and the median of the per-round ratios, with their min and max); the same on CPU time
+    (`cpu_` keys)."""
+    out: dict[str, Any] = {}
+    for name, clocks in times.items():
+        entry: dict[str, Any] = {"steps": block * len(clocks["wall"])}
+        for clock, prefix in (("wall", ""), ("cpu", "cpu_")):
+            blocks, base = clocks[clock], times[baseline][clock]
+            total = sum(blocks)
+            per_round = [b / a for a, b in zip(base, blocks)]
+            entry.update({
+                f"{prefix}block_seconds": [round(s, 5) for s in blocks],
+                f"{prefix}seconds": round(total, 4),
+                f"{prefix}images_per_second": block * len(blocks) * batch_size / total,
+                f"{prefix}median_step_seconds": statistics.median(blocks) / block,
+                f"{prefix}time_ratio_total": total / sum(base),
+                f"{prefix}time_ratio_median": statistics.median(per_round),
+                f"{prefix}time_ratio_min": min(per_round),
+                f"{prefix}time_ratio_max": max(per_round),
+            })
+        out[name] = entry
+    return out

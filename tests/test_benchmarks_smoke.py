@@ -1,0 +1,86 @@
+"""The benchmarks run end to end with the smallest settings and write the JSON they promise.
+
+Each runs as a user runs it (a subprocess, `python benchmarks/NAME.py ...`). Nothing here looks at a
+time or a speed: timing never goes in a unit test (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--batch", "1", "--size", "64", "--batches", "1", "--warmup", "0", "--rounds", "1",
+        "--block", "1", "--threads", "1", "--plain-table"]
+MACHINE_KEYS = {"cpu_count", "torch", "torchvision", "device_name"}
+
+
+def run_benchmark(name: str, *argv: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *argv], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def read(path: Path) -> dict:
+    assert path.is_file(), f"{path} not written"
+    result = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert MACHINE_KEYS <= set(result["machine"]), result["machine"]
+    return result
+
+
+def test_throughput_smoke(tmp_path):
+    out = tmp_path / "throughput.json"
+    stdout = run_benchmark("throughput", *TINY, "--json-out", str(out))
+    result = read(out)
+    assert result["benchmark"] == "throughput"
+    assert {"model", "batch", "size", "amp", "rounds", "block"} <= set(result["settings"])
+    assert set(result["results"]) == {"plain", "nanguard"}
+    for side in result["results"].values():
+        assert side["steps"] == 1 and side["images_per_second"] > 0
+    assert result["ratio_images_per_second"] > 0
+    assert "nanguard/plain" in stdout
+
+
+def test_guard_overhead_smoke(tmp_path):
+    out = tmp_path / "guard_overhead.json"
+    run_benchmark("guard_overhead", *TINY, "--snapshots", "1", "--json-out", str(out))
+    result = read(out)
+    assert result["benchmark"] == "guard_overhead"
+    assert set(result["results"]) == {"unguarded", "guarded", "host_check", "anomaly"}
+    for variant in result["results"].values():
+        assert {"images_per_second", "time_ratio_median", "time_ratio_total", "block_seconds"} <= set(variant)
+    assert result["results"]["unguarded"]["time_ratio_median"] == 1.0
+    assert isinstance(result["overhead_guarded"], float)
+    assert result["skipped_steps"] == {"unguarded": 0, "guarded": 0, "host_check": 0, "anomaly": 0}
+    assert result["snapshot"]["every_steps"] > 0
+
+
+def test_fault_campaign_smoke(tmp_path):
+    out = tmp_path / "fault_campaign.json"
+    run_benchmark("fault_campaign", "--steps", "1", "--images", "2", "--val-images", "1", "--size", "64",
+                  "--kinds", "loss_nan", "--workdir", str(tmp_path / "work"), "--plain-table",
+                  "--json-out", str(out), "train.batch_size=1", "train.threads=1")
+    result = read(out)
+    assert result["benchmark"] == "fault_campaign"
+    assert result["settings"]["specs"] == {"loss_nan": "loss_nan@0"}
+    runs = {(r["name"], r["mode"]): r for r in result["runs"]}
+    assert set(runs) == {("clean", "guarded"), ("clean", "unguarded"), ("loss_nan", "guarded"),
+                         ("loss_nan", "unguarded")}
+    for run in runs.values():
+        assert {"completed", "weights_finite", "mAP50", "delta_mAP50", "skipped_steps", "rollbacks",
+                "incidents", "seconds"} <= set(run)
+        assert (Path(run["run_dir"]) / "config.yaml").is_file()
+    # what the guard is for, on the one step there is: the NaN loss is skipped, not trained on
+    assert runs[("loss_nan", "guarded")]["completed"] and runs[("loss_nan", "guarded")]["weights_finite"]
+    assert runs[("loss_nan", "guarded")]["skipped_steps"] == 1
+    assert runs[("loss_nan", "unguarded")]["weights_finite"] is False
