@@ -72,7 +72,21 @@ def _cpu_model() -> str:
 
 def write_json(path: str | os.PathLike[str], result: dict[str, Any]) -> Path:
     """Strict JSON (non-finite numbers become "nan"/"inf" strings), written atomically."""
-    return atomic_write_json(path, json_safe(result))
+    out = atomic_write_json(path, json_safe(result))
+    print(f"wrote {out}")
+    return out
+
+
+def run_main(main: Callable[[], int], script: str) -> None:
+    """Exit with main()'s code; a user error (--device cuda without a GPU, a bad override, a bad
+    --data folder) is one line and exit 2."""
+    from nanguard.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as err:
+        print(f"{Path(script).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]], *, plain: bool = False) -> None:

@@ -174,16 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         "skipped_steps": skipped,
         "snapshot": snapshot,
     }
-    out = common.write_json(args.json_out, result)
-    print(f"wrote {out}")
+    common.write_json(args.json_out, result)
     return 0
 
 
 if __name__ == "__main__":
-    from nanguard.errors import UserError
-
-    try:
-        sys.exit(main())
-    except UserError as err:  # --device cuda without a GPU, a bad override: one line, exit 2
-        print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    common.run_main(main, __file__)

@@ -154,16 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         "plain_nonfinite_losses": plain_nonfinite[0],
         "nanguard_skipped_steps": sum(not o.observation.applied for o in outcomes),
     }
-    out = common.write_json(args.json_out, result)
-    print(f"wrote {out}")
+    common.write_json(args.json_out, result)
     return 0
 
 
 if __name__ == "__main__":
-    from nanguard.errors import UserError
-
-    try:
-        sys.exit(main())
-    except UserError as err:  # --device cuda without a GPU, a bad override: one line, exit 2
-        print(f"{Path(__file__).name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    common.run_main(main, __file__)

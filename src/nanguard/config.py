@@ -61,18 +61,18 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1600  # the demo: ~7 minutes on a 2-core CPU
     batch_size: int = 8
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     fused: bool = True  # fused optimizers take the guard's found_inf: a masked update for free
-    lr: float = 0.02
+    lr: float = 0.04  # the demo: 0.04 reached mAP50 0.89 where 0.02 reached 0.77 (1600 steps, batch 8)
     momentum: float = 0.9
     weight_decay: float = 4e-5
     warmup_steps: int = 100
     schedule: Literal["cosine", "constant", "step"] = "cosine"
     min_lr_ratio: float = 0.02  # cosine ends at lr * min_lr_ratio
     amp: Literal["off", "bf16", "fp16"] = "off"
-    log_every: int = 10
+    log_every: int = 20
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     eval_at_end: bool = True
@@ -88,7 +88,8 @@ class GuardConfig:
     spike_window: int = 50
     spike_min_history: int = 20
     spike_threshold: float = 10.0  # in robust standard deviations (1.4826 * MAD)
-    spike_min_ratio: float = 2.0  # and at least this many times the median
+    spike_min_ratio: float = 3.0  # and at least 3x the median: late in a cosine schedule grad norms sit
+    # so still that 2x their median (harmless: clipping bounds the update) was flagged in clean runs
 
 
 @dataclass

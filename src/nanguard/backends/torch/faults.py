@@ -7,8 +7,6 @@ nothing else in nanguard reads that file.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from nanguard.backends.torch.guard import NoFaults
@@ -79,7 +77,3 @@ class TorchFaults(NoFaults):
 
 def _plain(value):
     return value if isinstance(value, (int, str)) or value is None else str(value)
-
-
-def nonfinite(value: float) -> bool:
-    return not math.isfinite(value)

@@ -316,7 +316,7 @@ class Guard:
                                total_loss=math.nan, grad_norm=math.nan)
         if p.event is not None:
             p.event.synchronize()  # the step after it is already queued: the device stays busy
-        values = p.host.numpy().tolist()  # a host array: no device op, no sync
+        values = p.host.numpy().tolist()  # sync-ok: a host array already copied; no device op
         losses = dict(zip(p.names, values[:len(p.names)]))
         f = dict(zip(_FIELDS, values[len(p.names):]))
         checked = f["params_checked"] > 0.5

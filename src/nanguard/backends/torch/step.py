@@ -14,7 +14,7 @@ import torch
 
 from nanguard.backends.torch.data import to_tensors
 from nanguard.backends.torch.devicestate import LRSchedule
-from nanguard.backends.torch.guard import Guard, NoFaults, Outcome, _Pending
+from nanguard.backends.torch.guard import Guard, NoFaults, Outcome
 from nanguard.data.loader import Batch
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,4 +82,4 @@ class UnguardedStep(Guard):
         return lr
 
 
-__all__ = ["train_step", "UnguardedStep", "LRSchedule", "AMP_DTYPES", "autocast", "_Pending"]
+__all__ = ["train_step", "UnguardedStep", "LRSchedule", "AMP_DTYPES", "autocast"]
