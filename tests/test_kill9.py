@@ -53,6 +53,14 @@ def _child(args: list[str], code: str | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def _lines(path: Path) -> int:
+    """Steps logged so far (metrics.jsonl has one line a step with train.log_every=1)."""
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
 def _same(a: Path, b: Path) -> None:
     x, y = load_checkpoint(list_checkpoints(a)[-1][1]), load_checkpoint(list_checkpoints(b)[-1][1])
     assert x["step"] == y["step"] == STEPS
@@ -71,18 +79,24 @@ def test_sigkill_at_random_moments_then_resume(shapes, tmp_path):
 
     run = tmp_path / "killed"
     rng = random.Random(1234)
-    first = True
     kills = 0
     for _ in range(6):
-        args = ["train", "--quiet"] + (["--out", str(run), *tiny_args(shapes), *COMMON] if first
+        fresh = not (run / "config.yaml").exists()
+        args = ["train", "--quiet"] + (["--out", str(run), *tiny_args(shapes), *COMMON] if fresh
                                        else ["--resume", str(run)])
+        done = _lines(run / "metrics.jsonl")
         child = _child(args)
-        time.sleep(rng.uniform(2.0, 7.0))  # the child spends ~2-4 s importing torch, then ~0.1 s a step
+        # kill at a random moment once the child is training (import times differ between machines):
+        # after a random number of further steps plus a random fraction of a step
+        target = min(STEPS - 1, done + rng.randint(1, 3))
+        deadline = time.monotonic() + 120
+        while child.poll() is None and _lines(run / "metrics.jsonl") < target and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.15))
         if child.poll() is None:
             child.send_signal(signal.SIGKILL)
             kills += 1
         child.wait()
-        first = first and not (run / "config.yaml").exists()
         if child.returncode == 0:
             break
     assert kills >= 1
