@@ -372,10 +372,10 @@ def explain(state: PolicyState, config: PolicyConfig | None = None) -> str:
     recent = state.recent
     window = f"{len(recent)} of the last {config.skip_window} steps"
     if state.corruptions and state.corruptions * 2 >= max(state.rollbacks, 1):
-        return (f"model parameters or buffers were corrupted {state.corruptions} time(s) after "
-                f"healthy steps: most likely hardware (GPU memory bit flips) or a faulty kernel — "
-                f"check the GPU (nvidia-smi -q -d ECC), run `nanguard diagnose` on the incident, "
-                f"and resume from the last checkpoint on another device")
+        return (f"model parameters were corrupted {state.corruptions} time(s) after healthy "
+                f"steps: most likely hardware (GPU memory bit flips) or a faulty kernel — check the "
+                f"GPU (nvidia-smi -q -d ECC), see the incidents in incidents.jsonl, and resume from "
+                f"the last checkpoint on another device")
     if not recent:
         return "no incidents in the window" if not state.rollbacks else (
             f"{state.rollbacks} rollback(s) did not make the run healthy: lower train.lr")
@@ -427,5 +427,5 @@ def explain(state: PolicyState, config: PolicyConfig | None = None) -> str:
         return (f"loss or gradient-norm spikes in {len(spikes)} of the last "
                 f"{config.skip_window} steps: lower train.lr or lower guard.clip_norm")
     mixed = ", ".join(f"{kind} x{count}" for kind, count in kind_counts.most_common())
-    return (f"mixed incidents ({mixed}) in {window}: see incidents.jsonl and run "
-            f"`nanguard diagnose` on the first one")
+    return (f"mixed incidents ({mixed}) in {window}: see incidents.jsonl, starting with the "
+            f"first one")
