@@ -17,19 +17,7 @@ from nanguard.backends.torch.faults import TorchFaults
 from nanguard.backends.torch.guard import Guard
 from nanguard.config import GuardConfig
 from nanguard.guard import FaultPlan, IncidentLog, NullInjectionLog, PolicyConfig, read_incidents
-
-NAN = float("nan")
-
-
-def small_net() -> nn.Module:
-    """images: [B, 3, 8, 8] float32 -> logits [B, 3]."""
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-
-
-def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 3, 8, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator)
+from torch_helpers import NAN, batch, small_net
 
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -16,7 +16,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanguard.backends.torch.devicestate import DeviceSpikeDetector, LRSchedule
@@ -24,6 +23,7 @@ from nanguard.backends.torch.guard import Guard, NoFaults
 from nanguard.backends.torch.step import UnguardedStep
 from nanguard.config import GuardConfig, TrainConfig
 from nanguard.guard.spikes import SpikeDetector
+from torch_helpers import small_net, two_losses
 
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select"})
 # indexing with a boolean mask has a data-dependent shape: on CUDA it runs nonzero (a sync) inside
@@ -48,22 +48,10 @@ class CountSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def small_net() -> nn.Module:
-    """images: [B, 3, 8, 8] float32 -> logits [B, 3]."""
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-
-
 def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
     return [(torch.randn(4, 3, 8, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator))
             for _ in range(n)]
-
-
-def losses_of(model, images, labels) -> dict[str, torch.Tensor]:
-    logits = model(images)
-    return {"loss_classifier": nn.functional.cross_entropy(logits, labels),
-            "loss_box_reg": 0.1 * logits.pow(2).mean()}
 
 
 OPTIMIZERS = {
@@ -97,7 +85,7 @@ def count_syncs(step_class, optimizer_name: str, *, bad_at: int | None = None, w
     outcomes = []
     with CountSyncs() as mode:
         for i, (images, labels) in enumerate(data):
-            losses = losses_of(model, images, labels)
+            losses = two_losses(model, images, labels)
             faults = NaNAt() if i == bad_at else None
             outcomes += guard.step(losses, image_ids=(i,), faults=faults)
             if extra is not None:
@@ -162,11 +150,11 @@ def test_guarded_steps_on_cuda_never_sync(optimizer_name):
                   schedule=LRSchedule(TrainConfig(lr=0.05, steps=20, warmup_steps=2), device=device))
     data = [(images.to(device), labels.to(device)) for images, labels in batches(8)]
     for images, labels in data[:2]:  # warm up: lazy init, the first observation's pinned buffer
-        guard.step(losses_of(model, images, labels))
+        guard.step(two_losses(model, images, labels))
     torch.cuda.synchronize()
     outcomes = []
     for i, (images, labels) in enumerate(data[2:]):
-        losses = losses_of(model, images, labels)
+        losses = two_losses(model, images, labels)
         faults = NaNAt() if i == 2 else None
         torch.cuda.set_sync_debug_mode("error")
         try:
