@@ -9,6 +9,7 @@ slow block now and then does not move.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import os
@@ -68,6 +69,28 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def step_benchmark_parser(doc: str | None, name: str, overrides_example: str, warmup: int) -> argparse.ArgumentParser:
+    """The options the step benchmarks (throughput, guard_overhead) share: model, batch, timing, output."""
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {overrides_example}")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "mobilenet_v3_fpn", "resnet50_fpn"])
+    parser.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument("--size", type=int, default=128, help="image side in px; the model resizes to it (default 128)")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    parser.add_argument("--classes", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=8, help="distinct preloaded batches, cycled (default 8)")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed steps per variant first (default {warmup})")
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
+    parser.add_argument("--block", type=int, default=2, help="steps per variant per round (default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain-table", action="store_true", help="aligned text instead of rich")
+    parser.add_argument("--json-out", default=f"bench-out/{name}.json")
+    return parser
 
 
 def write_json(path: str | os.PathLike[str], result: dict[str, Any]) -> Path:

@@ -40,25 +40,10 @@ VARIANTS = ("unguarded", "guarded", "host_check", "anomaly")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. guard.param_check_every=1")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--model", default="tiny", choices=["tiny", "mobilenet_v3_fpn", "resnet50_fpn"])
-    parser.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
-    parser.add_argument("--size", type=int, default=128, help="image side in px; the model resizes to it (default 128)")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
-    parser.add_argument("--classes", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=8, help="distinct preloaded batches, cycled (default 8)")
+    parser = common.step_benchmark_parser(__doc__, "guard_overhead", "guard.param_check_every=1", warmup=2)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)} (unguarded is always run)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
-    parser.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
-    parser.add_argument("--block", type=int, default=2, help="steps per variant per round (default 2)")
     parser.add_argument("--snapshots", type=int, default=3, help="rollback snapshots to time (0: skip)")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plain-table", action="store_true", help="aligned text instead of rich")
-    parser.add_argument("--json-out", default="bench-out/guard_overhead.json")
     args = parser.parse_args(argv)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(chosen) - set(VARIANTS))

@@ -33,22 +33,7 @@ import common  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. guard.clip_norm=0")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--model", default="tiny", choices=["tiny", "mobilenet_v3_fpn", "resnet50_fpn"])
-    parser.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
-    parser.add_argument("--size", type=int, default=128, help="image side in px; the model resizes to it (default 128)")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
-    parser.add_argument("--classes", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=8, help="distinct preloaded batches, cycled (default 8)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side first (default 3)")
-    parser.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
-    parser.add_argument("--block", type=int, default=2, help="steps per side per round (default 2)")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plain-table", action="store_true", help="aligned text instead of rich")
-    parser.add_argument("--json-out", default="bench-out/throughput.json")
+    parser = common.step_benchmark_parser(__doc__, "throughput", "guard.clip_norm=0", warmup=3)
     return parser.parse_args(argv)
 
 
