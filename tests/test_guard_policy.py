@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from nanguard.errors import UserError
 from nanguard.fileio import dumps
-from nanguard.guard import Decision, Observation, PolicyConfig, PolicyState, decide, explain
+from nanguard.guard import OBSERVATION_LAG, Decision, Observation, PolicyConfig, PolicyState, decide, explain
 
 NAN = float("nan")
 INF = float("inf")
@@ -104,14 +104,14 @@ def test_lr_factor_never_below_floor():
 
 
 def test_rollback_when_still_bad_after_backoff():
-    config = PolicyConfig(backoff_after=3, rollback_after=3, observation_lag=1)
+    config = PolicyConfig(backoff_after=3, rollback_after=3)
     decisions, state = run([good(0), good(1)] + [bad(s) for s in range(2, 9)], config)
     # step 5 was already launched at the old LR when the backoff came (lag); 6, 7, 8 ran at half
     assert [d.action for d in decisions[2:]] == ["skip", "skip", "lr_backoff", "skip", "skip",
                                                  "skip", "rollback"]
     assert "rollback at 7" in decisions[-2].reason
     rollback = decisions[-1]
-    assert rollback.rollback_to_step == 1  # the last good step
+    assert rollback.rollback_to_step == -1  # no snapshot confirmed yet: the state the run started from
     assert rollback.ignore_through_step == 9  # step 9 was already launched (one-step lag)
     assert "roll back" in rollback.reason
     assert state.rollbacks == 1 and state.consecutive_bad == 0 and state.lr_factor == 0.5
@@ -123,8 +123,7 @@ def test_corrupted_state_rolls_back_at_once(flags):
                     Observation(step=3, total_loss=1.0, grad_norm=1.0, applied=True, **flags)]
     decisions, state = run(observations)
     assert decisions[-1].action == "rollback"
-    # params were last checked clean at step 0: steps 1-2 may already hold the corruption
-    assert decisions[-1].rollback_to_step == 0
+    assert decisions[-1].rollback_to_step == -1  # no confirmed snapshot: the initial state
     assert state.corruptions == 1 and "corrupted" in decisions[-1].reason
 
 
@@ -144,10 +143,10 @@ def test_lagging_observations_after_a_rollback_are_ignored():
     assert not decision.ignored and decision.action == "skip" and state.consecutive_bad == 1
 
 
-def test_observation_lag_is_configurable():
-    config = PolicyConfig(observation_lag=2)
-    decisions, _ = run([good(0), Observation(step=1, wild_param=True, nonfinite_param=False)], config)
-    assert decisions[-1].ignore_through_step == 3
+def test_observation_lag_is_not_a_setting():
+    """The lag is the backends' (one step), not the user's: the old key is refused by name."""
+    with pytest.raises(TypeError):
+        PolicyConfig(observation_lag=2)
 
 
 def test_quarantine_after_repeated_implication():
@@ -218,22 +217,64 @@ def test_stop_on_rollback_budget_with_a_verdict():
     assert "hardware" in decisions[-1].verdict and state.rollbacks == 3
 
 
-def test_snapshot_ok_on_the_grid_after_healthy_steps():
-    config = PolicyConfig(snapshot_healthy=3, snapshot_every=5)
-    decisions, state = run([good(s) for s in range(12)], config)
-    assert [d.step for d in decisions if d.snapshot_ok] == [5, 10]  # never step 0
-    decisions, state = run([bad(12), good(13), good(14), good(15), good(16), bad(17), good(18),
-                            good(19), good(20)], config, state)
-    # 15: only 3 healthy steps in a row (13, 14, 15) -> ok; 20: 18, 19, 20 -> ok
-    assert [d.step for d in decisions if d.snapshot_ok] == [15, 20]
-    decisions, _ = run([good(21), good(22), bad(23), good(24), good(25)], config, state)
-    assert not any(d.snapshot_ok for d in decisions)  # 25: only 2 healthy in a row
+def test_a_snapshot_is_confirmed_by_the_steps_run_with_it():
+    """A copy staged after step s is kept only once s+1 ... s+snapshot_confirm were healthy: s's own
+    observation was made before s's update and cannot vouch for it (an LR spike applied at s)."""
+    config = PolicyConfig(snapshot_healthy=3, snapshot_every=5, snapshot_confirm=2)
+    decisions, state = run([good(s) for s in range(13)], config)
+    assert [(d.step, d.confirm_snapshot) for d in decisions if d.confirm_snapshot] == [(7, 5), (12, 10)]
+    assert state.snapshots == (5, 10)
+    # the step after 15 is bad (the update of 15 blew up): 15 is never confirmed
+    decisions, state = run([good(13), good(14), good(15), bad(16), good(17), good(18)], config, state)
+    assert not any(d.confirm_snapshot for d in decisions) and state.snapshots == (5, 10)
+    # 20 needs 18, 19, 20 healthy before it and 21, 22 after it
+    decisions, state = run([good(s) for s in range(19, 23)], config, state)
+    assert decisions[-1].confirm_snapshot == 20 and state.snapshots == (10, 20)  # keep_snapshots=2
 
 
-def test_snapshot_needs_a_healthy_step():
-    config = PolicyConfig(snapshot_healthy=1, snapshot_every=5)
-    decisions, _ = run([good(4), bad(5)], config)
-    assert not decisions[1].snapshot_ok
+def test_a_snapshot_needs_its_own_step_healthy():
+    config = PolicyConfig(snapshot_healthy=0, snapshot_every=5, snapshot_confirm=1)
+    decisions, _ = run([good(4), bad(5), good(6)], config)
+    assert not any(d.confirm_snapshot for d in decisions)
+
+
+def test_rollback_to_the_newest_confirmed_snapshot_then_further_back():
+    """A single fault must never end a run a rollback can save: a state that goes bad again after a
+    rollback is not restored a second time; the next rollback goes one snapshot further back."""
+    config = PolicyConfig(snapshot_healthy=1, snapshot_every=5, snapshot_confirm=1, keep_snapshots=3,
+                          backoff_after=1, rollback_after=1, max_rollbacks=5)
+    decisions, state = run([good(s) for s in range(17)], config)
+    assert state.snapshots == (5, 10, 15)
+    rollback_at = config.backoff_after + 1 + config.rollback_after  # bad steps in a row
+    decisions, state = run([bad(s) for s in range(17, 17 + rollback_at)], config, state)
+    assert decisions[-1].action == "rollback" and decisions[-1].rollback_to_step == 15
+    step = 17 + rollback_at + 1  # the lagging step is skipped (never sent)
+    decisions, state = run([bad(s) for s in range(step, step + rollback_at)], config, state)
+    assert decisions[-1].action == "rollback" and decisions[-1].rollback_to_step == 10
+    assert "went bad again" in decisions[-1].reason and state.snapshots == (5, 10)
+    # healthy again: a new snapshot on top of 10, and the next rollback goes to it
+    step += rollback_at + 1
+    decisions, state = run([good(s) for s in range(step, 32)], config, state)
+    assert state.snapshots == (10, 25, 30)
+    decisions, state = run([bad(s) for s in range(32, 32 + rollback_at)], config, state)
+    assert decisions[-1].rollback_to_step == 30 and "again" not in decisions[-1].reason
+
+
+def test_a_resumed_state_rolls_back_to_its_checkpoint():
+    config = PolicyConfig(snapshot_healthy=1, snapshot_every=5, snapshot_confirm=1)
+    _, state = run([good(s) for s in range(8)], config)
+    assert state.snapshots == (5,)
+    state = PolicyState.from_dict(json.loads(dumps(state.to_dict()))).resumed_at(7)
+    assert state.snapshots == () and state.base_step == 7
+    decisions, _ = run([Observation(step=8, wild_param=True, nonfinite_param=False)], config, state)
+    assert decisions[-1].rollback_to_step == 7 and "the state the run started from" in decisions[-1].reason
+
+
+def test_invalid_targets_are_logged_but_the_step_counts_as_healthy():
+    obs = good(3, invalid_targets=((7, 70, "zero or negative width or height"),))
+    decision, state = decide(PolicyState(), obs)
+    assert decision.action == "none" and decision.kinds == ("invalid_target",)
+    assert "image 7 annotation 70" in decision.reason and state.consecutive_bad == 0 and state.good_streak == 1
 
 
 def test_verdicts():
@@ -356,7 +397,7 @@ def test_an_all_bad_stream_stops_within_a_bound(kinds):
     state = PolicyState()
     # each rollback needs at most backoff_after + rollback_after bad steps plus the lagging ones
     bound = (config.max_rollbacks + 1) * (config.backoff_after + config.rollback_after
-                                          + 2 * config.observation_lag)
+                                          + 2 * OBSERVATION_LAG)
     for step, kind in enumerate(kinds):
         decision, state = decide(state, make_obs(step, kind, step), config)
         if decision.action == "stop":

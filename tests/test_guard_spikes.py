@@ -25,12 +25,28 @@ def test_lower_median_of_even_window_is_the_lower_middle_value():
     assert lower_median([5.0]) == 5.0
 
 
-def test_no_flag_before_min_history():
+def test_no_robust_bound_before_min_history():
     detector = SpikeDetector(window=50, min_history=20)
     for _ in range(19):
         assert not detector.update(1.0)
-    assert not detector.update(1e6)  # the 20th value: still learning
+    assert not detector.update(9.0)  # the 20th value: still learning (under 10x the largest so far)
     assert len(detector.history) == 20
+
+
+def test_an_order_of_magnitude_jump_is_caught_from_the_third_value():
+    """An LR blow-up in the first steps of a run: the loss jumps by orders of magnitude before the
+    robust bounds have the history they need."""
+    detector = SpikeDetector(window=50, min_history=20, early_history=3, early_ratio=10.0)
+    assert not detector.update(2.0) and not detector.update(1e3)  # fewer than 3 values: learned as is
+    detector = SpikeDetector(window=50, min_history=20, early_history=3, early_ratio=10.0)
+    for value in (2.0, 1.5, 1.8):
+        assert not detector.update(value)
+    assert not detector.update(19.0)  # under 10x the largest so far (2.0)
+    assert detector.update(717241.0) and detector.history == [2.0, 1.5, 1.8, 19.0]
+    off = SpikeDetector(window=50, min_history=20, early_history=0)
+    for value in (2.0, 1.5, 1.8):
+        off.update(value)
+    assert not off.update(717241.0)  # early_history=0: the rule is off
 
 
 def test_a_clear_spike_is_flagged_and_not_learned():
@@ -86,7 +102,8 @@ def test_bad_settings_are_rejected():
         SpikeDetector(threshold=0.0)
 
 
-def reference(values, window=50, min_history=20, threshold=10.0, min_ratio=2.0, rel_eps=1e-3):
+def reference(values, window=50, min_history=20, threshold=10.0, min_ratio=2.0, rel_eps=1e-3,
+              early_history=3, early_ratio=10.0):
     """Brute force, straight from the docstring: recompute everything from the full accepted list."""
     accepted: list[float] = []
     flags = []
@@ -103,6 +120,8 @@ def reference(values, window=50, min_history=20, threshold=10.0, min_ratio=2.0, 
             mad = deviations[(len(deviations) - 1) // 2]
             scale = max(mad, rel_eps * abs(median))
             flag = x > median + threshold * 1.4826 * scale and x > min_ratio * median
+        elif early_history and len(recent) >= early_history:
+            flag = x > early_ratio * max(recent)
         if not flag:
             accepted.append(x)
         flags.append(flag)
@@ -118,10 +137,12 @@ values = st.one_of(
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(values, max_size=200), st.integers(1, 30), st.integers(1, 30),
-       st.floats(0.5, 20.0), st.floats(0.0, 4.0))
-def test_matches_brute_force_reference(series, window, min_history, threshold, min_ratio):
+       st.floats(0.5, 20.0), st.floats(0.0, 4.0), st.integers(0, 6), st.floats(1.0, 100.0))
+def test_matches_brute_force_reference(series, window, min_history, threshold, min_ratio, early_history,
+                                       early_ratio):
     min_history = min(min_history, window)
     detector = SpikeDetector(window=window, min_history=min_history, threshold=threshold,
-                             min_ratio=min_ratio)
+                             min_ratio=min_ratio, early_history=early_history, early_ratio=early_ratio)
     got = [detector.update(x) for x in series]
-    assert got == reference(series, window, min_history, threshold, min_ratio)
+    assert got == reference(series, window, min_history, threshold, min_ratio, early_history=early_history,
+                            early_ratio=early_ratio)

@@ -2,6 +2,7 @@
 the incident log and fault-injection specs. Imports neither torch nor mindspore (nor numpy): a backend
 turns tensors into `Observation`s and `Decision`s into tensor work."""
 
+from nanguard.guard.config import GuardConfig
 from nanguard.guard.faults import (
     FAULT_KINDS,
     FaultKind,
@@ -19,11 +20,15 @@ from nanguard.guard.observation import (
     DATA_KINDS,
     INCIDENT_KINDS,
     LOSS_COMPONENTS,
+    NOTE_KINDS,
+    STEP_FIELDS,
     Observation,
 )
 from nanguard.guard.policy import (
     ACTIONS,
+    OBSERVATION_LAG,
     Decision,
+    Outcome,
     PolicyConfig,
     PolicyState,
     decide,
@@ -38,15 +43,20 @@ __all__ = [
     "FAULT_KINDS",
     "INCIDENT_KINDS",
     "LOSS_COMPONENTS",
+    "NOTE_KINDS",
+    "OBSERVATION_LAG",
+    "STEP_FIELDS",
     "Decision",
     "FaultKind",
     "FaultPlan",
     "FaultSpec",
+    "GuardConfig",
     "IncidentLog",
     "InjectionLog",
     "NullIncidentLog",
     "NullInjectionLog",
     "Observation",
+    "Outcome",
     "PolicyConfig",
     "PolicyState",
     "SpikeDetector",

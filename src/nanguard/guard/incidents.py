@@ -16,6 +16,10 @@ One line per bad step (an incident), written when the policy has decided on it:
     verdict         with stop: what most likely went wrong and what to change; else null
     quarantined     image ids quarantined by this decision
     rollback_to_step, model_error, applied, rank
+    restored_step   with rollback: the state restored is the one right after this step's update
+                    (-1: the state before the first step); null otherwise
+    batch           {"epoch", "position"} of the step's batch (the loader rebuilds it), or null
+    invalid_targets [{"image_id", "annotation_id", "why"}] target boxes dropped from the step
 
 Healthy steps and observations the policy ignored (lag after a rollback) are not written.
 """
@@ -52,6 +56,9 @@ def incident_record(obs: Observation, decision: Decision) -> dict[str, Any]:
         "verdict": decision.verdict,
         "quarantined": list(decision.quarantine),
         "rollback_to_step": decision.rollback_to_step,
+        "restored_step": decision.rollback_to_step if decision.action == "rollback" else None,
+        "batch": {"epoch": obs.batch[0], "position": obs.batch[1]} if obs.batch is not None else None,
+        "invalid_targets": [{"image_id": i, "annotation_id": a, "why": why} for i, a, why in obs.invalid_targets],
         "model_error": obs.model_error,
         "applied": obs.applied,
         "rank": obs.rank,

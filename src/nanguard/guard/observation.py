@@ -11,11 +11,23 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# The detection profile: the loss components of a two-stage detector (torchvision's and detectron2's
+# names), in the order reports list them. Other loops report whatever components they have.
 LOSS_COMPONENTS: tuple[str, ...] = (
     "loss_objectness",
     "loss_rpn_box_reg",
     "loss_classifier",
     "loss_box_reg",
+)
+
+# The numbers of one step that a backend packs, after the loss components, into one small device
+# vector and copies to the host without blocking (`Observation.from_vector` unpacks it). Flags are
+# 0.0 / 1.0; the parameter flags are NaN on steps whose parameters were not checked; loss_scale is
+# NaN without fp16 loss scaling. A plain (unguarded) step packs NaN for every flag it does not compute.
+STEP_FIELDS: tuple[str, ...] = (
+    "total_loss", "grad_norm", "lr", "loss_scale", "nonfinite_loss", "nonfinite_grad",
+    "nonfinite_buffer", "loss_spike", "grad_spike", "nonfinite_param", "wild_param", "scale_overflow",
+    "applied",
 )
 
 # Incident kinds, most severe first: the first kind an observation has is its primary kind.
@@ -30,7 +42,12 @@ INCIDENT_KINDS: tuple[str, ...] = (
     "loss_scale_floor",
     "loss_spike",
     "grad_spike",
+    "invalid_target",
 )
+
+# Not a bad step: target boxes that were non-finite or degenerate were dropped from the step (one bad box
+# costs one box) and the rest of the update was applied. Logged as an incident, never skipped.
+NOTE_KINDS: frozenset[str] = frozenset({"invalid_target"})
 
 # Kinds that mean the model state is already corrupted: the update happened with nothing masked (a
 # flipped bit in a weight), so skipping cannot help; only a rollback can.
@@ -77,12 +94,32 @@ class Observation:
     image_ids: tuple = ()
     annotation_ids: tuple = ()  # one tuple per image, aligned with image_ids
     rank: int = 0
+    batch: tuple[int, int] | None = None  # (epoch, position): the loader rebuilds the batch from it
+    invalid_targets: tuple = ()  # (image id, annotation id, why) of target boxes dropped from the step
 
     def __post_init__(self) -> None:
         # Ids go into JSON and checkpoints: plain ints or strings, in a tuple (a list, or a numpy
         # integer from a loader, would not survive strict JSON or hashing).
-        for name in ("image_ids", "annotation_ids"):
+        for name in ("image_ids", "annotation_ids", "invalid_targets"):
             object.__setattr__(self, name, tuple(_plain_id(i) for i in getattr(self, name)))
+
+    @classmethod
+    def from_vector(cls, step: int, names: tuple[str, ...], values: list[float], **context: Any) -> Observation:
+        """Unpack a backend's step vector: `values` is the loss components (in `names` order) then
+        `STEP_FIELDS`. `context`: image_ids, annotation_ids, rank, batch, invalid_targets."""
+        losses = dict(zip(names, values[:len(names)]))
+        f = dict(zip(STEP_FIELDS, values[len(names):]))
+        flag = {k: v > 0.5 for k, v in f.items()}  # NaN > 0.5 is False: a flag not computed is not set
+        checked = not math.isnan(f["nonfinite_param"])
+        return cls(
+            step=step, losses=losses, total_loss=f["total_loss"], grad_norm=f["grad_norm"], lr=f["lr"],
+            loss_scale=None if math.isnan(f["loss_scale"]) else f["loss_scale"],
+            nonfinite_loss=flag["nonfinite_loss"], nonfinite_grad=flag["nonfinite_grad"],
+            nonfinite_buffer=flag["nonfinite_buffer"], loss_spike=flag["loss_spike"],
+            grad_spike=flag["grad_spike"],
+            nonfinite_param=flag["nonfinite_param"] if checked else None,
+            wild_param=flag["wild_param"] if checked else None,
+            scale_overflow=flag["scale_overflow"], applied=flag["applied"], **context)
 
     def kinds(self, min_loss_scale: float | None = None) -> list[str]:
         """Incident kinds of this step, most severe first (order of `INCIDENT_KINDS`).
@@ -105,14 +142,15 @@ class Observation:
             ),
             "loss_spike": self.loss_spike,
             "grad_spike": self.grad_spike,
+            "invalid_target": bool(self.invalid_targets),
         }
         return [kind for kind in INCIDENT_KINDS if found[kind]]
 
     @property
     def bad(self) -> bool:
-        """Any incident flag the device set. Does not judge `loss_scale_floor` (that needs the policy's
-        bound: use `bool(obs.kinds(min_loss_scale))`)."""
-        return bool(self.kinds())
+        """Any incident flag that makes this a bad step (not a mere note such as invalid_target). Does
+        not judge `loss_scale_floor` (that needs the policy's bound)."""
+        return any(kind not in NOTE_KINDS for kind in self.kinds())
 
     @property
     def params_checked(self) -> bool:
@@ -137,6 +175,9 @@ class Observation:
             "grad_spike": f"gradient-norm spike (grad_norm={_fmt(self.grad_norm)})",
             "loss_scale_floor": (f"fp16 loss scale {_fmt(self.loss_scale)} below "
                                  f"min_loss_scale={_fmt(min_loss_scale)}"),
+            "invalid_target": (f"{len(self.invalid_targets)} invalid target box(es) dropped from the step "
+                               f"({'; '.join(f'image {i} annotation {a}: {why}' for i, a, why in self.invalid_targets[:3])}"
+                               f"{'; ...' if len(self.invalid_targets) > 3 else ''})"),
         }
         components = ", ".join(f"{name}={_fmt(self.losses[name])}"
                                for name in self.nonfinite_components())

@@ -9,29 +9,33 @@ Rules, in the order they are checked for a bad step (one with at least one incid
 2. a non-finite or wild parameter (the model state is already wrong; masking the
    update cannot help) -> rollback at once.
 3. `rollback_after` more bad steps in a row that ran with the lowered LR (so
-   `backoff_after + observation_lag + rollback_after` in a row) -> rollback.
+   `backoff_after + OBSERVATION_LAG + rollback_after` in a row) -> rollback.
 4. `backoff_after` bad steps in a row -> LR factor x `backoff_factor` (floored at `min_lr_factor`); it
    comes back to 1.0 geometrically over `recover_steps` good steps (a bad step restarts the ramp from
    the factor it has reached).
 5. an image implicated in `quarantine_after` bad steps -> quarantine. A bad step of a data kind
    implicates the images of its batch, unless it is the `backoff_after`-th or later in a row.
 6. otherwise -> skip (the device already masked the update).
-A healthy step -> none; it counts towards LR recovery and towards `snapshot_ok`.
+A healthy step -> none; it counts towards LR recovery and may confirm a staged snapshot.
 
 The one-step lag: observations arrive in step order, one step late. When the policy decides a rollback
-on step s, the backend has already launched step s + `observation_lag`; those steps ran on the state that
-is thrown away, so `Decision.ignore_through_step` is s + lag and the policy ignores (action none,
+on step s, the backend has already launched step s + 1 (`OBSERVATION_LAG`); it ran on the state that
+is thrown away, so `Decision.ignore_through_step` is s + 1 and the policy ignores (action none,
 `ignored=True`, state unchanged) every observation with `step <= ignore_through_step`. Steps are data
 positions and only go up: after the restore the backend goes on with the next unseen batch, so the
 batches between the snapshot and the rollback are skipped, not replayed.
 
 Snapshots sit on a fixed grid so the backend knows ahead of time when to copy: when it runs a step s
 with s % snapshot_every == 0 (s > 0) it stages a host copy of the state right after s's update (and
-checks the parameters that step); `snapshot_ok` on the observation of s says s was healthy, and so were
-the `snapshot_healthy - 1` steps before it, so the staged copy may be kept (label it s). On a rollback
-the backend restores the newest kept snapshot labelled at or before `rollback_to_step`: the last
-healthy step for a bad streak, the last healthy step whose parameters were checked clean for a
-corruption (-1: the initial state or the checkpoint the run started from). Later ones are void.
+checks the parameters that step). The observation of step s cannot vouch for that copy: it was made
+before s's update (an LR spike applied at s only shows in the loss of s + 1). So a staged copy is
+confirmed by the observations made *with* it: `Decision.confirm_snapshot` is s once steps
+s - snapshot_healthy + 1 ... s + snapshot_confirm were all healthy (s's own parameter check
+included). `PolicyState.snapshots` lists the confirmed ones the backend keeps (the newest
+`keep_snapshots`), and `base_step` labels the state the run started from (-1, or the checkpoint it
+resumed from), which is always there. A rollback restores the newest confirmed snapshot
+(`rollback_to_step`, exactly the label restored); if that state goes bad again before a newer
+snapshot is confirmed, the next rollback goes one snapshot further back, never to the same one.
 """
 
 from __future__ import annotations
@@ -42,11 +46,15 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from nanguard.errors import UserError
-from nanguard.guard.observation import CORRUPTION_KINDS, DATA_KINDS, Observation
+from nanguard.guard.observation import CORRUPTION_KINDS, DATA_KINDS, NOTE_KINDS, Observation
 
 # Weakest first: a decision's action is the strongest thing it asks for; its other fields
-# (lr_factor, quarantine, snapshot_ok) must be applied whatever the action.
+# (lr_factor, quarantine, confirm_snapshot) must be applied whatever the action.
 ACTIONS: tuple[str, ...] = ("none", "skip", "quarantine", "lr_backoff", "rollback", "stop")
+
+# Steps between running a step and reading its observation: every backend copies the step's flags to
+# the host without blocking and reads them while the next step runs.
+OBSERVATION_LAG = 1
 
 
 @dataclass(frozen=True)
@@ -58,21 +66,22 @@ class PolicyConfig:
     rollback_after: int = 3  # further bad steps in a row after the backoff -> rollback
     snapshot_every: int = 50  # host snapshots at steps that are multiples of this
     snapshot_healthy: int = 10  # a snapshot only after this many healthy steps in a row
+    snapshot_confirm: int = 5  # ... and this many healthy steps run with it, after it
+    keep_snapshots: int = 2  # confirmed snapshots kept (plus the state the run started from)
     skip_window: int = 200
     max_skip_fraction: float = 0.25
     max_rollbacks: int = 3
     quarantine_after: int = 2  # bad steps implicating an image -> quarantine it
     min_loss_scale: float = 1.0  # fp16 loss scale below it -> incident loss_scale_floor
-    observation_lag: int = 1  # steps between running a step and reading its observation
 
     def __post_init__(self) -> None:
         positive_ints = ("backoff_after", "recover_steps", "rollback_after", "snapshot_every",
-                         "skip_window", "quarantine_after")
+                         "snapshot_confirm", "keep_snapshots", "skip_window", "quarantine_after")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"policy.{name} must be an integer >= 1, got {value!r}")
-        for name in ("snapshot_healthy", "max_rollbacks", "observation_lag"):
+        for name in ("snapshot_healthy", "max_rollbacks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UserError(f"policy.{name} must be an integer >= 0, got {value!r}")
@@ -125,9 +134,11 @@ class PolicyState:
     recovery_good: int = 0  # good steps into the current ramp
     backoffs: int = 0
     rollbacks: int = 0
-    corruptions: int = 0  # rollbacks caused by a corrupted parameter or buffer
+    corruptions: int = 0  # rollbacks caused by a corrupted parameter (nonfinite_param, wild_param)
     last_good_step: int = -1
-    last_verified_step: int = -1  # last healthy step whose parameters were checked and clean
+    base_step: int = -1  # label of the state the run started from (always restorable)
+    snapshots: tuple[int, ...] = ()  # confirmed snapshots the backend keeps, oldest first
+    last_restored: int | None = None  # the snapshot the last rollback restored
     ignore_through_step: int = -1
     max_lr_seen: float = 0.0
     recent: tuple[BadStep, ...] = ()  # bad steps within the last skip_window steps
@@ -148,11 +159,13 @@ class PolicyState:
         ]
         data["implicated"] = [[image_id, count] for image_id, count in self.implicated]
         data["quarantined"] = list(self.quarantined)
+        data["snapshots"] = list(self.snapshots)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyState:
         """The inverse of `to_dict`; missing keys take their defaults (an older checkpoint)."""
+        data = {k: v for k, v in data.items() if k not in _RETIRED_STATE_KEYS}
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise UserError(f"policy state has unknown keys {', '.join(unknown)}: the checkpoint "
@@ -167,7 +180,17 @@ class PolicyState:
         data["implicated"] = tuple((image_id, int(count))
                                    for image_id, count in data.get("implicated", ()))
         data["quarantined"] = tuple(data.get("quarantined", ()))
+        data["snapshots"] = tuple(int(s) for s in data.get("snapshots", ()))
         return cls(**data)
+
+    def resumed_at(self, base_step: int) -> PolicyState:
+        """This state in a process that starts from a checkpoint labelled `base_step` (the state after
+        that step): the snapshots of the process that wrote it are gone; the checkpoint is the base."""
+        return replace(self, base_step=base_step, snapshots=(), last_restored=None)
+
+
+# PolicyState keys of older versions, dropped on load
+_RETIRED_STATE_KEYS = frozenset({"last_verified_step"})
 
 
 @dataclass(frozen=True)
@@ -175,17 +198,19 @@ class Decision:
     """What the backend must do after reading the observation of `step`.
 
     `action` is the strongest thing asked for (see `ACTIONS`); `lr_factor` (multiplier of the scheduled
-    LR from the next launched step on), `quarantine` (image ids newly quarantined) and `snapshot_ok`
-    hold whatever the action. `rollback_to_step`: with rollback, restore the newest snapshot of a state
-    at or before that step (-1: the initial state). `ignore_through_step`: with rollback, observations
-    up to this step are ignored. `verdict`: with stop, what most likely went wrong and what to change.
+    LR from the next launched step on), `quarantine` (image ids newly quarantined) and
+    `confirm_snapshot` (keep the copy staged after that step; drop kept ones not in the state's
+    `snapshots`) hold whatever the action. `rollback_to_step`: with rollback, the label of the snapshot
+    to restore, exactly (the state right after that step; the base state when it equals
+    `PolicyState.base_step`). `ignore_through_step`: with rollback, observations up to this step are
+    ignored. `verdict`: with stop, what most likely went wrong and what to change.
     """
 
     step: int
     action: str
     reason: str
     lr_factor: float
-    snapshot_ok: bool = False
+    confirm_snapshot: int | None = None
     quarantine: tuple = ()
     kinds: tuple[str, ...] = ()
     verdict: str | None = None
@@ -198,6 +223,14 @@ class Decision:
         data["quarantine"] = list(self.quarantine)
         data["kinds"] = list(self.kinds)
         return data
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One step's observation and the policy's decision about it (what a backend's step returns)."""
+
+    observation: Observation
+    decision: Decision
 
 
 def decide(state: PolicyState, obs: Observation,
@@ -214,8 +247,12 @@ def decide(state: PolicyState, obs: Observation,
         return Decision(step=obs.step, action="none", reason=reason, lr_factor=state.lr_factor,
                         ignored=True), state
     kinds = obs.kinds(config.min_loss_scale)
-    if not kinds:
-        return _healthy(state, obs, config)
+    if all(kind in NOTE_KINDS for kind in kinds):
+        decision, state = _healthy(state, obs, config)
+        if kinds:  # a note (dropped target boxes): logged as an incident, the step was applied
+            decision = replace(decision, kinds=tuple(kinds),
+                               reason=f"{obs.describe(kinds)}; the rest of the step was applied")
+        return decision, state
     return _bad(state, obs, config, kinds)
 
 
@@ -229,8 +266,11 @@ def _healthy(state: PolicyState, obs: Observation,
         else:  # geometric ramp from recovery_from back to 1.0
             lr_factor = state.recovery_from ** (1.0 - recovery_good / config.recover_steps)
     good_streak = state.good_streak + 1
-    snapshot_ok = (good_streak >= config.snapshot_healthy and obs.step > 0
-                   and obs.step % config.snapshot_every == 0)
+    staged = obs.step - config.snapshot_confirm  # the snapshot these healthy steps ran with
+    confirmed = (staged if staged > 0 and staged % config.snapshot_every == 0
+                 and good_streak >= config.snapshot_confirm + max(1, config.snapshot_healthy)
+                 and staged > max(state.ignore_through_step, state.base_step) else None)
+    snapshots = state.snapshots if confirmed is None else (state.snapshots + (confirmed,))[-config.keep_snapshots:]
     new_state = replace(
         state,
         consecutive_bad=0,
@@ -238,12 +278,12 @@ def _healthy(state: PolicyState, obs: Observation,
         lr_factor=lr_factor,
         recovery_good=recovery_good,
         last_good_step=obs.step,
-        last_verified_step=obs.step if obs.params_checked else state.last_verified_step,
+        snapshots=snapshots,
         max_lr_seen=_max_lr(state.max_lr_seen, obs.lr),
         recent=_in_window(state.recent, obs.step, config),
     )
     return Decision(step=obs.step, action="none", reason=f"step {obs.step}: healthy",
-                    lr_factor=lr_factor, snapshot_ok=snapshot_ok), new_state
+                    lr_factor=lr_factor, confirm_snapshot=confirmed), new_state
 
 
 def _bad(state: PolicyState, obs: Observation, config: PolicyConfig,
@@ -296,17 +336,21 @@ def _bad(state: PolicyState, obs: Observation, config: PolicyConfig,
             reason = (f"{seen}; a rollback is needed but {state.rollbacks} rollbacks were already "
                       f"done (max_rollbacks={config.max_rollbacks}): stop")
             return _stop(new_state, config, reason, common)
-        rollback_to = state.last_verified_step if corrupted else state.last_good_step
-        ignore_through = obs.step + config.observation_lag
-        why = ("the model state itself is corrupted (the update or buffer write already happened):"
+        rollback_to, further = _rollback_target(state)
+        ignore_through = obs.step + OBSERVATION_LAG
+        why = ("the model state itself is corrupted (a parameter changed outside any update):"
                " masking cannot undo it" if corrupted else
                f"still bad {consecutive} steps in a row, after an LR backoff")
-        reason = (f"{seen}; {why}: roll back to the last snapshot at or before step {rollback_to} "
-                  f"and skip the batches since (rollback {state.rollbacks + 1} of at most "
-                  f"{config.max_rollbacks}){quarantine_note}")
+        target = ("the state the run started from" if rollback_to == state.base_step
+                  else f"the snapshot taken after step {rollback_to}")
+        if further:
+            target += f" (the one restored last, after step {state.last_restored}, went bad again)"
+        reason = (f"{seen}; {why}: roll back to {target} and skip the batches since (rollback "
+                  f"{state.rollbacks + 1} of at most {config.max_rollbacks}){quarantine_note}")
         new_state = replace(
             new_state, consecutive_bad=0, rollbacks=state.rollbacks + 1,
-            corruptions=state.corruptions + int(corrupted), ignore_through_step=ignore_through)
+            corruptions=state.corruptions + int(corrupted), ignore_through_step=ignore_through,
+            snapshots=tuple(s for s in state.snapshots if s <= rollback_to), last_restored=rollback_to)
         return Decision(action="rollback", reason=reason, lr_factor=new_state.lr_factor,
                         rollback_to_step=rollback_to, ignore_through_step=ignore_through,
                         **common), new_state
@@ -345,8 +389,20 @@ def _stop(state: PolicyState, config: PolicyConfig, reason: str,
 
 def _rollback_at(config: PolicyConfig) -> int:
     """Bad steps in a row that mean "still bad after the backoff": the steps already launched when
-    the backoff was decided (observation_lag) ran at the old LR and do not count as after it."""
-    return config.backoff_after + config.observation_lag + config.rollback_after
+    the backoff was decided (OBSERVATION_LAG) ran at the old LR and do not count as after it."""
+    return config.backoff_after + OBSERVATION_LAG + config.rollback_after
+
+
+def _rollback_target(state: PolicyState) -> tuple[int, bool]:
+    """(label to restore, whether it goes past the last restored one). The newest confirmed snapshot;
+    if the last rollback restored that very snapshot and no newer one was confirmed since, the state
+    went bad again: one further back (the base state at the end)."""
+    candidates = list(state.snapshots)
+    further = (state.last_restored is not None
+               and not any(s > state.last_restored for s in candidates))
+    if further:
+        candidates = [s for s in candidates if s < state.last_restored]
+    return (candidates[-1] if candidates else state.base_step), further
 
 
 def _in_window(recent: tuple[BadStep, ...], step: int, config: PolicyConfig) -> tuple[BadStep, ...]:
