@@ -157,7 +157,7 @@ def synthetic_batches(count: int, batch_size: int, size: int, classes: int, devi
     {boxes: [N, 4] xyxy float32, labels: [N] int64}, image_ids)."""
     import numpy as np
 
-    from nanguard.backends.torch.data import to_tensors
+    from nanguard.backends.torch.step import to_tensors
     from nanguard.data.loader import Batch, BatchKey
     from nanguard.data.synth import render
 
@@ -190,24 +190,15 @@ def bench_config(model: str, size: int, amp: str, batch: int, overrides: list[st
                                 f"train.amp=\"{amp}\"", f"train.batch_size={batch}", *overrides])
 
 
-@contextlib.contextmanager
-def preloaded_tensors():
-    """While active, `train_step` takes a batch from `preloaded_batch` (tensors already on the device)
-    instead of converting a numpy `Batch` with `to_tensors`: data conversion is timed on no side."""
-    from nanguard.backends.torch import step as step_module
+def model_step(model, stepper, batches: list, i: int, *, device, amp: str) -> list:
+    """Batch `i` (cycled) of `synthetic_batches` through the model and `stepper.step` (a `Guard` or a
+    `PlainStep`): the hot path of a training step, with the data already on the device on every side."""
+    from nanguard.backends.torch.step import autocast
 
-    original = step_module.to_tensors
-    step_module.to_tensors = lambda batch, device: (batch.images, batch.targets)
-    try:
-        yield
-    finally:
-        step_module.to_tensors = original
-
-
-def preloaded_batch(batches: list, i: int) -> SimpleNamespace:
-    """Batch `i` (cycled) of `synthetic_batches`, shaped like a loader `Batch` for `train_step`."""
-    images, targets, ids = batches[i % len(batches)]
-    return SimpleNamespace(images=images, targets=targets, image_ids=ids, annotation_ids=())
+    images, targets, _ = batches[i % len(batches)]
+    with autocast(device, amp):
+        losses = model(images, targets)
+    return stepper.step(losses)
 
 
 def build_models(cfg, num_classes: int, device, copies: int, seed: int = 0) -> list:

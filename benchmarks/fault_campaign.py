@@ -8,7 +8,8 @@ Runs `nanguard train` (the CLI, in this process with --jobs 1, else one subproce
 demo config shortened to --steps (the LR warm-up scaled with it), once clean, once per fault kind, and
 once with every kind together, each guarded and with guard.enabled=false. Faults fire from the middle of
 the run on, each on its own step (`fault_specs`); the data kinds (nan_input, zero_box) three times, every
-steps/20 steps. Each run's final.json gives the columns: completed, final weights finite, mAP50, its
+steps/20 steps; lr_spike also once early (--early-lr-spike, step 10), before the spike detector's robust
+bounds have history. Each run's final.json gives the columns: completed, final weights finite, mAP50, its
 difference from the clean guarded run, skipped steps, rollbacks, incidents. A run that crashes (an
 unguarded one may) is a row with its error, never the end of the campaign.
 
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kinds", default=None,
                         help="comma-separated fault kinds (default: all that the amp setting allows)")
     parser.add_argument("--no-all", action="store_true", help="skip the run with every kind together")
+    parser.add_argument("--early-lr-spike", type=int, default=10, metavar="STEP",
+                        help="also run lr_spike x1000 at this early step (default 10; -1 to skip)")
     parser.add_argument("--modes", default="guarded,unguarded", help="guarded, unguarded or both (default)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; >1 uses subprocesses)")
     parser.add_argument("--workdir", default="bench-out/fault_campaign", help="dataset and run folders go here")
@@ -72,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if bad:
             parser.error(f"--kinds: {', '.join(bad)} not possible here; choose from {', '.join(allowed)}"
                          + ("" if args.amp == "fp16" else " (fp16_overflow needs --amp fp16)"))
+    if args.early_lr_spike is not None and args.early_lr_spike < 0:
+        args.early_lr_spike = None
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - {"guarded", "unguarded"}:
         parser.error("--modes: guarded, unguarded or guarded,unguarded")
@@ -109,6 +114,8 @@ def campaign(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The runs to make: (name, mode, specs)."""
     specs = fault_specs(args.kinds, args.steps)
     plans = [("clean", [])] + [(kind, [spec]) for kind, spec in specs.items()]
+    if "lr_spike" in specs and args.early_lr_spike is not None:  # before the spike detector has history
+        plans.append(("lr_spike_early", [f"lr_spike@{args.early_lr_spike}:factor=1000"]))
     if not args.no_all and len(specs) > 1:
         plans.append(("all", list(specs.values())))
     return [{"name": name, "mode": mode, "inject": inject} for name, inject in plans for mode in args.modes]

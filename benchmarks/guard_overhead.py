@@ -5,10 +5,11 @@
         --rounds 20 --block 5          # a 1 % goal needs more steps than the CPU default
     python benchmarks/guard_overhead.py --threads 1   # on a shared CPU: read the cpu-time columns
 
-Every variant runs `train_step` on its own copy of the same model (same random init), with the
-optimizer, LR schedule and GradScaler `nanguard train` builds, on the same preloaded batches,
+Every variant runs the model and its stepper's `step` on its own copy of the same model (same random
+init), with the optimizer, LR schedule and GradScaler `nanguard train` builds, on the same preloaded batches,
 interleaved in blocks (rotating order):
-- unguarded:   `UnguardedStep` (backward, clip, step; no checks; what guard.enabled=false trains with)
+- unguarded:   `PlainStep`: backward, clip, step, as torchvision's reference runs it, without its
+               per-step `loss.item()` (what guard.enabled=false trains with)
 - guarded:     `Guard` (device-side checks, masked update, one-step-late observations, param check
                every guard.param_check_every steps)
 - host_check:  unguarded + `loss.item()` and `math.isfinite` every step, skipping a non-finite loss
@@ -59,18 +60,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from nanguard.backends.torch.devicestate import LRSchedule
     from nanguard.backends.torch.guard import Guard
-    from nanguard.backends.torch.step import UnguardedStep, train_step
-    from nanguard.backends.torch.train import build_optimizer, pick_device
+    from nanguard.backends.torch.backend import build_optimizer, pick_device
+    from nanguard.backends.torch.step import PlainStep
 
-    class HostCheckedStep(UnguardedStep):
+    class HostCheckedStep(PlainStep):
         """The framework habit: read the loss on the host every step, skip the step if it is not finite."""
 
-        def step(self, losses, **kwargs):
+        def step(self, losses):
             total = sum(loss.detach().float() for loss in losses.values())
             if not math.isfinite(total.item()):  # the sync: the host waits for the whole forward pass
                 self.optimizer.zero_grad(set_to_none=True)
                 return []
-            return super().step(losses, **kwargs)
+            return super().step(losses)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,31 +80,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preparing {args.batches} batches of {args.batch} x {args.size} px on {device} ...", file=sys.stderr)
     batches = common.synthetic_batches(args.batches, args.batch, args.size, args.classes, device, args.seed)
     models = dict(zip(args.variants, common.build_models(cfg, args.classes, device, len(args.variants), args.seed)))
-    stepper_class = {"unguarded": UnguardedStep, "guarded": Guard, "host_check": HostCheckedStep,
-                     "anomaly": UnguardedStep}
     steppers = {}
     for name, model in models.items():
-        steppers[name] = stepper_class[name](
-            model, build_optimizer(cfg, model), scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
-            config=cfg.guard, policy=cfg.policy, schedule=LRSchedule(cfg.train, device))
+        common_args = dict(scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+                           schedule=LRSchedule(cfg.train, device))
+        if name == "guarded":
+            steppers[name] = Guard(model, build_optimizer(cfg, model), config=cfg.guard, policy=cfg.policy,
+                                   **common_args)
+        else:
+            plain = HostCheckedStep if name == "host_check" else PlainStep
+            steppers[name] = plain(model, build_optimizer(cfg, model), clip_norm=cfg.guard.clip_norm, **common_args)
     skipped = dict.fromkeys(args.variants, 0)
 
     def make_step(name: str):
         model, stepper = models[name], steppers[name]
 
         def run(i: int) -> None:
-            batch = common.preloaded_batch(batches, i)
             if name == "anomaly":
                 with torch.autograd.detect_anomaly():
-                    outcomes = train_step(model, stepper, batch, device=device, amp=args.amp)
+                    outcomes = common.model_step(model, stepper, batches, i, device=device, amp=args.amp)
             else:
-                outcomes = train_step(model, stepper, batch, device=device, amp=args.amp)
+                outcomes = common.model_step(model, stepper, batches, i, device=device, amp=args.amp)
             skipped[name] += sum(not o.observation.applied for o in outcomes)
         return run
 
     print(f"timing {', '.join(args.variants)}: {args.warmup} warm-up steps, then {args.rounds} rounds x "
           f"{args.block} steps each", file=sys.stderr)
-    with warnings.catch_warnings(), common.preloaded_tensors():
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Aa]nomaly.*")
         seconds = common.interleaved({name: make_step(name) for name in args.variants}, rounds=args.rounds,
                                      block=args.block, warmup=args.warmup, sync=common.synchronizer(device))
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         snapshot = {"seconds": per_capture, "every_steps": every,
                     "amortised_fraction_of_step": per_capture / every / summary["unguarded"]["median_step_seconds"]}
 
-    labels = {"unguarded": "unguarded (UnguardedStep)", "guarded": "guarded (Guard)",
+    labels = {"unguarded": "plain step (PlainStep)", "guarded": "guarded (Guard)",
               "host_check": "unguarded + loss.item() check", "anomaly": "unguarded + detect_anomaly"}
     rows = []
     for name in args.variants:

@@ -6,14 +6,13 @@
 
 Both sides train the same model (same random init, two copies) on the same batches, in one process,
 interleaved in blocks (rotating order) so that other load on the machine hits both alike:
-- nanguard: `train_step` with `Guard`, the optimizer, LR schedule and GradScaler `nanguard train` builds
+- nanguard: the model and `Guard.step`, with the optimizer, LR schedule and GradScaler `nanguard train` builds
   (fused SGD with a device-side LR), guard settings from the config;
 - plain: torchvision's detection reference loop: forward, sum the losses, `loss.item()` (the reference
   logs it and exits on a non-finite value), zero_grad, backward, `clip_grad_norm_`, `optimizer.step()`
   (plain `torch.optim.SGD`, its default implementation), a linear warm-up scheduler step.
 Batches are nanguard's synthetic shapes rendered at --size px and put on the device once, before
-timing: data loading and host-to-device copies are measured on neither side (`train_step`'s
-`to_tensors` is swapped for a lookup of the preloaded tensors while the benchmark runs).
+timing: data loading and host-to-device copies are measured on neither side.
 
 Prints a table and writes JSON (--json-out) with the machine, the settings, the block times and the
 ratio nanguard/plain of images per second (1.0 = as fast; below 1 = slower), by the wall clock and by
@@ -43,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from nanguard.backends.torch.devicestate import LRSchedule
     from nanguard.backends.torch.guard import Guard
-    from nanguard.backends.torch.step import autocast, train_step
-    from nanguard.backends.torch.train import build_optimizer, pick_device
+    from nanguard.backends.torch.backend import build_optimizer, pick_device
+    from nanguard.backends.torch.step import autocast
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = []
 
     def nanguard_step(i: int) -> None:
-        batch = common.preloaded_batch(batches, i)
-        outcomes.extend(train_step(guarded_model, guard, batch, device=device, amp=args.amp))
+        outcomes.extend(common.model_step(guarded_model, guard, batches, i, device=device, amp=args.amp))
 
     # plain: torchvision's references/detection/engine.py train_one_epoch
     params = [p for p in plain_model.parameters() if p.requires_grad]
@@ -99,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"timing: {args.warmup} warm-up steps, then {args.rounds} rounds x {args.block} steps per side",
           file=sys.stderr)
-    with common.preloaded_tensors():
-        seconds = common.interleaved({"plain": plain_step, "nanguard": nanguard_step}, rounds=args.rounds,
-                                     block=args.block, warmup=args.warmup, sync=common.synchronizer(device))
+    seconds = common.interleaved({"plain": plain_step, "nanguard": nanguard_step}, rounds=args.rounds,
+                                 block=args.block, warmup=args.warmup, sync=common.synchronizer(device))
     outcomes.extend(guard.flush())
     summary = common.summarize(seconds, baseline="plain", block=args.block, batch_size=args.batch)
     plain, ours = summary["plain"], summary["nanguard"]
@@ -114,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[label, s["steps"], s["images_per_second"], s["median_step_seconds"], s["cpu_images_per_second"],
              s["images_per_second"] / plain["images_per_second"], 1.0 / s["time_ratio_median"],
              f"{1 / s['time_ratio_max']:.3f}-{1 / s['time_ratio_min']:.3f}", 1.0 / s["cpu_time_ratio_median"]]
-            for label, s in (("plain torchvision loop", plain), ("nanguard train_step + Guard", ours))]
+            for label, s in (("plain torchvision loop", plain), ("nanguard model + Guard.step", ours))]
     columns = ["loop", "steps", "img/s", "median s/step", "img/s (cpu time)", "ratio (total)",
                "ratio (median of rounds)", "range", "ratio (cpu time, median)"]
     if device.type != "cpu":  # host CPU time says nothing about a GPU step

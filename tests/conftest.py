@@ -39,3 +39,20 @@ def coco_tiny() -> Path:
 
 def tiny_args(root: Path, *extra: str) -> list[str]:
     return [f"data.root={root}", *TINY, *extra]
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    from nanguard.run.checkpoints import list_checkpoints
+
+    return [step for step, _ in list_checkpoints(run)]
+
+
+def newest_checkpoint(run: Path) -> dict:
+    """The newest checkpoint of a run, flattened for tests: the backend's parts (model, optimizer,
+    schedule, scaler, guard, rng) beside data, config, category_ids and step."""
+    from nanguard.backends.torch.checkpoint import load_checkpoint
+    from nanguard.run.checkpoints import list_checkpoints
+
+    state = load_checkpoint(list_checkpoints(run)[-1][1])
+    return {**state["backend"], "data": state["data"], "config": state["config"],
+            "category_ids": state["category_ids"], "step": state["run"]["step"]}

@@ -1,7 +1,7 @@
 """The benchmarks run end to end with the smallest settings and write the JSON they promise.
 
 Each runs as a user runs it (a subprocess, `python benchmarks/NAME.py ...`). Nothing here looks at a
-time or a speed: timing never goes in a unit test (DESIGN.md).
+time or a speed: timing never goes in a unit test (the project's rule: speed is measured in benchmarks/, as ratios).
 """
 
 from __future__ import annotations

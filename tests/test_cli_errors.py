@@ -77,10 +77,13 @@ def test_existing_run_is_not_overwritten(shapes, tmp_path):
     assert (out / "config.yaml").read_bytes() == before
 
 
-def test_torn_checkpoint_on_resume_is_a_user_error(shapes, tmp_path):
+def test_only_checkpoint_torn_on_resume_is_a_user_error(shapes, tmp_path):
+    """With no older checkpoint to fall back to (tests/test_run_folder.py has the fallback)."""
     out = tmp_path / "run"
-    assert _run("train", "--quiet", "--out", str(out), "--steps", "2", *tiny_args(shapes),
-                "train.checkpoint_every=1", "train.eval_at_end=false").returncode == 0
-    newest = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
+    assert _run("train", "--quiet", "--out", str(out), "--steps", "1", *tiny_args(shapes),
+                "train.checkpoint_every=1", "train.keep_checkpoints=1", "train.eval_at_end=false").returncode == 0
+    [newest] = sorted((out / "checkpoints").glob("step_*.pt"))
     newest.write_bytes(newest.read_bytes()[:1000])  # damaged on disk after it was written
-    _assert_user_error(_run("train", "--quiet", "--resume", str(out)), newest.name)
+    result = _run("train", "--quiet", "--resume", str(out))
+    assert result.returncode == 2 and "no checkpoint loads" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "checkpoints" / (newest.name + ".damaged")).exists()  # kept aside, never deleted

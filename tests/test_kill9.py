@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_args
-from nanguard.backends.torch.checkpoint import list_checkpoints, load_checkpoint
+from conftest import REPO, checkpoint_steps, newest_checkpoint, tiny_args
 from nanguard.cli import main
 
 STEPS = 10
@@ -62,7 +61,7 @@ def _lines(path: Path) -> int:
 
 
 def _same(a: Path, b: Path) -> None:
-    x, y = load_checkpoint(list_checkpoints(a)[-1][1]), load_checkpoint(list_checkpoints(b)[-1][1])
+    x, y = newest_checkpoint(a), newest_checkpoint(b)
     assert x["step"] == y["step"] == STEPS
     for key in x["model"]:
         assert torch.equal(x["model"][key], y["model"][key]), key
@@ -116,9 +115,9 @@ def test_sigkill_during_a_checkpoint_write(shapes, tmp_path):
     child.communicate(timeout=300)
     assert child.returncode == -signal.SIGKILL
     # the half-written file never got a checkpoint's name; the first checkpoint is intact
-    assert [step for step, _ in list_checkpoints(run)] == [2]
+    assert checkpoint_steps(run) == [2]
     assert list((run / "checkpoints").glob(".step_*.tmp"))  # the torn temp file, ignored
-    load_checkpoint(list_checkpoints(run)[0][1])
+    newest_checkpoint(run)
 
     assert main(["train", "--quiet", "--resume", str(run)]) == 0
     _same(reference, run)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nanguard.backends.torch.devicestate import LRSchedule, materialize_optimizer_state
-from nanguard.backends.torch.guard import Guard, NoFaults
+from nanguard.backends.torch.guard import Guard, StepContext
 from nanguard.config import TrainConfig
 from nanguard.guard import IncidentLog, read_incidents
 from torch_helpers import NAN, batch, small_net, two_losses
@@ -34,28 +34,20 @@ OPTIMIZERS = {
 }
 
 
-class GradNaN(NoFaults):
-    """One NaN in one element of one parameter's gradient, after backward (a transient fault)."""
-
-    def after_backward(self, params):
-        grad = params[0].grad.view(-1)
-        grad[1] = NAN
-
-
-class LossNaN(NoFaults):
-    """One loss component times NaN (multiplied, so the NaN reaches every gradient too)."""
-
-    def on_losses(self, losses):
-        losses["loss_box_reg"] = losses["loss_box_reg"] * NAN
-        return losses
-
-
 def bad_step(guard: Guard, model: nn.Module, fault: str, seed: int = 99) -> list:
+    """nan_input: NaN pixels (the forward writes NaN into BatchNorm's running stats); loss_nan: one
+    component times NaN (so the NaN reaches every gradient too); grad_nan: one NaN in one element of
+    one parameter's gradient, after backward (a transient fault)."""
     images, labels = batch(seed)
-    if fault == "nan_input":  # the forward writes NaN into BatchNorm's running stats
+    if fault == "nan_input":
         images[0, :, :2] = NAN
-    faults = {"loss_nan": LossNaN(), "grad_nan": GradNaN(), "nan_input": NoFaults()}[fault]
-    return guard.step(two_losses(model, images, labels), image_ids=(seed,), faults=faults)
+    losses = two_losses(model, images, labels)
+    if fault == "loss_nan":
+        losses["loss_box_reg"] = losses["loss_box_reg"] * NAN
+    backward = guard.backward(losses)  # between backward and the update: where a grad fault lands
+    if fault == "grad_nan":
+        guard.params[0].grad.view(-1)[1] = NAN
+    return guard.update(backward, StepContext(image_ids=(seed,)))
 
 
 def healthy_step(guard: Guard, model: nn.Module, seed: int) -> list:
@@ -242,14 +234,6 @@ def cpu_grad_scaler():
     return scaler
 
 
-class Times(NoFaults):
-    def __init__(self, factor: float) -> None:
-        self.factor = factor
-
-    def on_losses(self, losses):
-        return {name: value * self.factor for name, value in losses.items()}
-
-
 @pytest.mark.parametrize("optimizer_name", ["sgd_fused", "adam"])
 def test_grad_scaler_overflow_backs_off_and_is_not_an_incident(optimizer_name):
     torch.manual_seed(0)
@@ -262,7 +246,7 @@ def test_grad_scaler_overflow_backs_off_and_is_not_an_incident(optimizer_name):
     before = snapshot(model, optimizer)
 
     images, labels = batch(2)  # a finite loss whose scaled gradients overflow float32
-    guard.step(two_losses(model, images, labels), faults=Times(1e36))
+    guard.step({name: value * 1e36 for name, value in two_losses(model, images, labels).items()})
 
     assert scaler.get_scale() == scale * scaler.get_backoff_factor()
     assert changed(before, snapshot(model, optimizer)) == []
@@ -321,3 +305,26 @@ def test_skip_batch_puts_batchnorm_back_and_logs_a_model_error(tmp_path):
     healthy_step(guard, model, 3)  # the next batch trains normally
     [next_outcome] = guard.flush()
     assert next_outcome.observation.applied and next_outcome.observation.step == 2
+
+
+def test_the_loss_scaler_adapter_reads_the_pinned_grad_scaler_right():
+    """`LossScaler` is the one place that touches GradScaler's private state; this pins what it reads
+    and writes against the installed torch: found_inf after unscale_, back-off on an overflow, and
+    nothing moved on a guard incident."""
+    from nanguard.backends.torch.devicestate import LossScaler
+
+    torch.manual_seed(0)
+    model = small_net().train()
+    optimizer = OPTIMIZERS["sgd_fused"](model.parameters())
+    scaler = cpu_grad_scaler()
+    adapter = LossScaler(scaler, optimizer)
+    images, labels = batch(1)
+    adapter.backward(two_losses(model, images, labels)["loss_classifier"])
+    assert not bool(adapter.found_inf(torch.device("cpu")))
+    scale = scaler.get_scale()
+    adapter.update_unless(torch.tensor(True))  # a guard incident: the scale and its tracker stay
+    assert scaler.get_scale() == scale and scaler._growth_tracker.item() == 0
+    optimizer.zero_grad()
+    adapter.backward(two_losses(model, images, labels)["loss_classifier"] * 1e36)  # overflows float32
+    assert bool(adapter.found_inf(torch.device("cpu")))
+    assert adapter.update_unless(torch.tensor(False)).item() == scale * scaler.get_backoff_factor()

@@ -41,9 +41,13 @@ def guarded(policy: PolicyConfig | None = None, config: GuardConfig | None = Non
 
 
 def run_step(guard: Guard, model: nn.Module, step: int, *, nan: bool = False, faults=None) -> list:
+    """One step of a user's loop; `faults` (TorchFaults) act where the trainer's step applies them."""
     images, labels = batch(step)
     loss = nn.functional.cross_entropy(model(images), labels)
-    return guard.step({"loss": loss * NAN if nan else loss}, image_ids=(step,), faults=faults)
+    outcomes = guard.step({"loss": loss * NAN if nan else loss}, image_ids=(step,))
+    if faults is not None:
+        faults.after_update(guard.params)
+    return outcomes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,52 +68,78 @@ def test_outcomes_arrive_one_step_late_and_flush_returns_the_pending_one():
 
 
 @pytest.mark.parametrize("snapshot_every", [4, 50])
-def test_a_run_of_nan_losses_backs_off_then_rolls_back_then_stops(snapshot_every):
-    policy = PolicyConfig(snapshot_every=snapshot_every, snapshot_healthy=2)
+def test_a_run_of_nan_losses_backs_off_then_rolls_back_further_then_stops(snapshot_every):
+    """Healthy steps 0-9, then every loss NaN. The snapshot after step 4 is confirmed by steps 5 and 6;
+    the one after step 8 never is (step 10 went bad). Rollback 1 restores 4; the state goes bad again,
+    so rollback 2 goes further back, to the initial state, and so does 3; then the budget stops it."""
+    policy = PolicyConfig(snapshot_every=snapshot_every, snapshot_healthy=2, snapshot_confirm=2)
     model, optimizer, guard = guarded(policy)
     kept = {-1: snapshot(model, optimizer)}
-    snapshots_kept = []
-    guard.on_snapshot = snapshots_kept.append
     outcomes = []
-    for step in range(6):  # healthy: the weights move
+    for step in range(10):  # healthy: the weights move
         outcomes += run_step(guard, model, step)
         if step == 4:
             kept[4] = snapshot(model, optimizer)
-    target = kept[4] if snapshot_every == 4 else kept[-1]
-    assert differences(target, snapshot(model, optimizer))
+    assert differences(kept[-1], snapshot(model, optimizer))
+    assert guard.policy_state.snapshots == ((4,) if snapshot_every == 4 else ())
 
-    restored_after = []
-    for step in range(6, 60):  # every loss NaN from here on
+    restored = []
+    for step in range(10, 80):  # every loss NaN from here on
         new = run_step(guard, model, step, nan=True)
         outcomes += new
-        if any(o.decision.action == "rollback" for o in new):
-            restored_after.append(differences(target, snapshot(model, optimizer)))
+        for o in new:
+            if o.decision.action == "rollback":
+                target = o.decision.rollback_to_step
+                restored.append((target, differences(kept[target], snapshot(model, optimizer))))
         if guard.stopped:
             break
 
     actions = [o.decision.action for o in outcomes]
-    assert actions[:6] == ["none"] * 6
+    assert actions[:10] == ["none"] * 10
     one_cycle = ["skip", "skip", "lr_backoff", "skip", "skip", "skip", "rollback", "none"]
-    assert actions[6:6 + 3 * len(one_cycle)] == one_cycle * 3
+    assert actions[10:10 + 3 * len(one_cycle)] == one_cycle * 3
     assert actions[-1] == "stop" and actions.count("stop") == 1 and guard.stopped
     assert "max_rollbacks=3" in outcomes[-1].decision.reason and outcomes[-1].decision.verdict
-    assert snapshots_kept == ([4] if snapshot_every == 4 else [])
-
-    # every rollback put the model, BatchNorm and the optimizer back at the snapshot
-    assert restored_after == [[], [], []]
-    rollbacks = [o.decision for o in outcomes if o.decision.action == "rollback"]
-    assert all(d.rollback_to_step == 5 for d in rollbacks)  # the last healthy step
+    expected = [4, -1, -1] if snapshot_every == 4 else [-1, -1, -1]
+    assert restored == [(target, []) for target in expected]  # exactly the state named, every time
     # the observations that ran on the state thrown away are ignored
-    assert all(o.decision.ignored for o in outcomes if o.observation.step in (13, 21, 29))
+    assert all(o.decision.ignored for o in outcomes if o.observation.step in (17, 25, 33))
 
     # the LR backoff reaches the optimizer from the step launched after the decision on
     lr = {o.observation.step: o.observation.lr for o in outcomes}
-    assert lr[9] == pytest.approx(0.1) and lr[10] == pytest.approx(0.05)
-    assert lr[18] == pytest.approx(0.025) and optimizer.param_groups[0]["lr"] == 0.1
+    assert lr[13] == pytest.approx(0.1) and lr[14] == pytest.approx(0.05)
+    assert lr[22] == pytest.approx(0.025) and optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_an_lr_spike_at_a_snapshot_step_never_becomes_the_rollback_target():
+    """Defect: the snapshot after step s was kept on s's own observation, made before s's update; an
+    LR spike applied at s then rolled back to the ruined state again and again. Now the steps run with
+    the snapshot must confirm it: a blow-up rolls back to the snapshot before, once, and training goes on."""
+    policy = PolicyConfig(snapshot_every=5, snapshot_healthy=1, snapshot_confirm=2)
+    config = GuardConfig(spike_window=8, spike_min_history=4)
+    model, optimizer, guard = guarded(policy, config)
+    outcomes, kept = [], {}
+    for step in range(30):
+        images, labels = batch(step)
+        loss = nn.functional.cross_entropy(model(images), labels)
+        backward = guard.backward({"loss": loss})
+        for group in optimizer.param_groups:  # the update of step 10 with an LR 1000x too large
+            group["lr"] = 100.0 if step == 10 else 0.1
+        outcomes += guard.update(backward)
+        if step == 5:
+            kept[5] = snapshot(model, optimizer)
+    outcomes += guard.flush()
+    rollbacks = [o.decision for o in outcomes if o.decision.action == "rollback"]
+    assert [d.rollback_to_step for d in rollbacks] == [5]
+    assert 10 not in guard.policy_state.snapshots and not guard.stopped
+    assert all(math.isfinite(o.observation.total_loss) for o in outcomes[-5:])
 
 
 def test_weight_bitflip_leads_to_a_rollback_to_finite_weights():
-    model, optimizer, guard = guarded(PolicyConfig(snapshot_every=2, snapshot_healthy=1))
+    """A bit flips after step 3 (its parameter check already passed): step 4 runs on the corrupted
+    weights and its check sees them; the rollback restores the snapshot after step 2 (confirmed by
+    step 3) while step 5 runs."""
+    model, optimizer, guard = guarded(PolicyConfig(snapshot_every=2, snapshot_healthy=1, snapshot_confirm=1))
     guard.config.param_check_every = 1
     plan = FaultPlan(["weight_bitflip@3"])
     states, outcomes = {}, []
@@ -117,22 +147,22 @@ def test_weight_bitflip_leads_to_a_rollback_to_finite_weights():
         outcomes += run_step(guard, model, step, faults=TorchFaults(plan, step, NullInjectionLog()))
         states[step] = snapshot(model, optimizer)
         peak = torch.stack([p.detach().abs().max() for p in model.parameters()]).max().item()  # NaN wins
-        if step == 3:  # the flip happened after the update: the weights are wild now
+        if step in (3, 4):  # flipped after step 3's update; step 4 ran on it
             assert not math.isfinite(peak) or peak > guard.config.param_abs_max
         else:
             assert math.isfinite(peak) and peak < guard.config.param_abs_max
     outcomes += guard.flush()
 
-    flipped = next(o for o in outcomes if o.observation.step == 3)
-    assert flipped.decision.action == "rollback"
-    assert {"nonfinite_param", "wild_param"} & set(flipped.decision.kinds)
-    assert flipped.decision.rollback_to_step == 2  # the last step whose weights were checked clean
-    assert "corrupted" in flipped.decision.reason
-    # the state right after the rollback (inside step 4's call) is the snapshot of step 2
-    assert differences(states[2], states[4]) == []
+    seen = next(o for o in outcomes if o.observation.step == 4)
+    assert seen.decision.action == "rollback"
+    assert {"nonfinite_param", "wild_param"} & set(seen.decision.kinds)
+    assert seen.decision.rollback_to_step == 2  # the newest confirmed snapshot
+    assert "corrupted" in seen.decision.reason
+    # the state right after the rollback (inside step 5's call) is the snapshot of step 2
+    assert differences(states[2], states[5]) == []
     actions = [o.decision.action for o in outcomes]
-    assert actions == ["none", "none", "none", "rollback", "none", "none", "none", "none"]
-    assert outcomes[4].decision.ignored and outcomes[5].observation.applied  # then it trains again
+    assert actions == ["none", "none", "none", "none", "rollback", "none", "none", "none"]
+    assert outcomes[5].decision.ignored and outcomes[6].observation.applied  # then it trains again
 
 
 def test_weight_bitflip_without_a_snapshot_rolls_back_to_the_initial_weights():
@@ -140,7 +170,7 @@ def test_weight_bitflip_without_a_snapshot_rolls_back_to_the_initial_weights():
     guard.config.param_check_every = 1
     initial = snapshot(model, optimizer)
     plan = FaultPlan(["weight_bitflip@3"])
-    for step in range(5):
+    for step in range(6):
         run_step(guard, model, step, faults=TorchFaults(plan, step, NullInjectionLog()))
     assert differences(initial, snapshot(model, optimizer)) == []
     assert all(torch.isfinite(p).all() for p in model.parameters())

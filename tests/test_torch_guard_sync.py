@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanguard.backends.torch.devicestate import DeviceSpikeDetector, LRSchedule
-from nanguard.backends.torch.guard import Guard, NoFaults
-from nanguard.backends.torch.step import UnguardedStep
+from nanguard.backends.torch.guard import Guard
+from nanguard.backends.torch.step import PlainStep
 from nanguard.config import GuardConfig, TrainConfig
 from nanguard.guard.spikes import SpikeDetector
 from torch_helpers import small_net, two_losses
@@ -66,9 +66,13 @@ STEPS = 5
 GUARD_CONFIG = GuardConfig(spike_window=4, spike_min_history=2, param_check_every=2)
 
 
-class NaNAt(NoFaults):
-    def on_losses(self, losses):
-        return {name: value * float("nan") for name, value in losses.items()}
+def nan_losses(losses):
+    return {name: value * float("nan") for name, value in losses.items()}
+
+
+def plain_step(model, optimizer, *, config, schedule, scaler):
+    """What users run today (backward, clip, step), with the same clipping as the guard."""
+    return PlainStep(model, optimizer, clip_norm=config.clip_norm, schedule=schedule, scaler=scaler)
 
 
 def count_syncs(step_class, optimizer_name: str, *, bad_at: int | None = None, with_schedule: bool,
@@ -86,11 +90,12 @@ def count_syncs(step_class, optimizer_name: str, *, bad_at: int | None = None, w
     with CountSyncs() as mode:
         for i, (images, labels) in enumerate(data):
             losses = two_losses(model, images, labels)
-            faults = NaNAt() if i == bad_at else None
-            outcomes += guard.step(losses, image_ids=(i,), faults=faults)
+            outcomes += guard.step(nan_losses(losses) if i == bad_at else losses)
             if extra is not None:
                 extra(losses)
         outcomes += guard.flush()
+    if step_class is plain_step:
+        return mode.counts
     assert [o.observation.step for o in outcomes] == list(range(steps))
     if bad_at is not None:  # the masked path ran
         assert not outcomes[bad_at].observation.applied and outcomes[bad_at].observation.nonfinite_loss
@@ -99,7 +104,7 @@ def count_syncs(step_class, optimizer_name: str, *, bad_at: int | None = None, w
 
 @pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
 def test_guarded_steps_add_no_host_sync(optimizer_name):
-    unguarded = {s: count_syncs(UnguardedStep, optimizer_name, with_schedule=s) for s in (True, False)}
+    unguarded = {s: count_syncs(plain_step, optimizer_name, with_schedule=s) for s in (True, False)}
     assert count_syncs(Guard, optimizer_name, with_schedule=True) == unguarded[True]
     for with_schedule in (True, False):  # with a masked step among them
         guarded = count_syncs(Guard, optimizer_name, with_schedule=with_schedule, bad_at=3)
@@ -155,10 +160,9 @@ def test_guarded_steps_on_cuda_never_sync(optimizer_name):
     outcomes = []
     for i, (images, labels) in enumerate(data[2:]):
         losses = two_losses(model, images, labels)
-        faults = NaNAt() if i == 2 else None
         torch.cuda.set_sync_debug_mode("error")
         try:
-            outcomes += guard.step(losses, faults=faults)
+            outcomes += guard.step(nan_losses(losses) if i == 2 else losses)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     outcomes += guard.flush()
@@ -184,12 +188,15 @@ def series():
        window=st.integers(min_value=1, max_value=12),
        min_history_fraction=st.floats(min_value=0.0, max_value=1.0),
        threshold=st.sampled_from([1.0, 3.0, 10.0]),
-       min_ratio=st.sampled_from([0.0, 1.5, 2.0]))
+       min_ratio=st.sampled_from([0.0, 1.5, 2.0]),
+       early=st.sampled_from([(0, 10.0), (1, 10.0), (3, 10.0), (2, 3.0)]))
 def test_device_spike_detector_flags_exactly_as_the_reference(values, window, min_history_fraction,
-                                                              threshold, min_ratio):
+                                                              threshold, min_ratio, early):
     min_history = max(1, round(min_history_fraction * window))
-    reference = SpikeDetector(window, min_history, threshold, min_ratio)
-    device = DeviceSpikeDetector(window, min_history, threshold, min_ratio)
+    settings_ = dict(window=window, min_history=min_history, threshold=threshold, min_ratio=min_ratio,
+                     early_history=early[0], early_ratio=early[1])
+    reference = SpikeDetector(**settings_)
+    device = DeviceSpikeDetector(**settings_)
     for i, value in enumerate(values):
         as_float32 = torch.tensor(value, dtype=torch.float32)  # a loss or a grad norm, as the guard has it
         expected = reference.update(as_float32.item())

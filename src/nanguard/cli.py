@@ -17,8 +17,8 @@ from nanguard.errors import UserError
 COMMANDS = {
     "synth": "nanguard.data.synth_command",
     "audit": "nanguard.audit.command",
-    "train": "nanguard.backends.torch.train_command",
-    "eval": "nanguard.backends.torch.eval_command",
+    "train": "nanguard.run.train_command",
+    "eval": "nanguard.run.eval_command",
 }
 
 
@@ -95,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_entry() -> None:
     """Console-script entry point."""
-    try:
-        code = main()
-    except SystemExit as exc:  # argparse's own usage errors exit 2 already
-        raise exc
-    sys.exit(code)
+    sys.exit(main())  # argparse's own usage errors exit 2 already
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from nanguard.errors import UserError
+from nanguard.guard.config import GuardConfig
 from nanguard.guard.policy import PolicyConfig
 
 
@@ -80,19 +81,6 @@ class TrainConfig:
 
 
 @dataclass
-class GuardConfig:
-    enabled: bool = True
-    clip_norm: float = 10.0  # 0 disables clipping; the check always runs before the clip
-    param_check_every: int = 10
-    param_abs_max: float = 1.0e4  # a finite weight above this is silent corruption (a flipped exponent bit)
-    spike_window: int = 50
-    spike_min_history: int = 20
-    spike_threshold: float = 10.0  # in robust standard deviations (1.4826 * MAD)
-    spike_min_ratio: float = 3.0  # and at least 3x the median: late in a cosine schedule grad norms sit
-    # so still that 2x their median (harmless: clipping bounds the update) was flagged in clean runs
-
-
-@dataclass
 class EvalConfig:
     batch_size: int = 16
     max_images: int = 0  # 0 = the whole validation split
@@ -100,6 +88,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    backend: Literal["torch"] = "torch"
     seed: int = 0
     inject: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)

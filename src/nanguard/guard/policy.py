@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from nanguard.errors import UserError
+from nanguard.fileio import json_safe
 from nanguard.guard.observation import CORRUPTION_KINDS, DATA_KINDS, NOTE_KINDS, Observation
 
 # Weakest first: a decision's action is the strongest thing it asks for; its other fields
@@ -153,7 +154,7 @@ class PolicyState:
         data = asdict(self)
         data["recent"] = [
             {"step": bad.step, "kinds": list(bad.kinds), "components": list(bad.components),
-             "image_ids": list(bad.image_ids), "lr": _encode_float(bad.lr),
+             "image_ids": list(bad.image_ids), "lr": json_safe(bad.lr),
              "model_error": bad.model_error}
             for bad in self.recent
         ]
@@ -411,14 +412,6 @@ def _in_window(recent: tuple[BadStep, ...], step: int, config: PolicyConfig) -> 
 
 def _max_lr(current: float, lr: float) -> float:
     return max(current, lr) if math.isfinite(lr) else current
-
-
-def _encode_float(value: float) -> float | str:
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return value
 
 
 def explain(state: PolicyState, config: PolicyConfig | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Where the data comes from, the audit before step 0, and batches as tensors.
+"""Where the data comes from and the audit before step 0 (framework-neutral).
 
 Three ways to name the data (config `data.*`):
 - nothing: the synthetic shapes are generated once into `data.cache` and reused;
@@ -14,14 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from nanguard.config import Config
 from nanguard.data.coco import CocoIndex, build_index, read_coco_json
-from nanguard.data.loader import Batch
 from nanguard.errors import UserError
-from nanguard.fileio import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -55,7 +50,7 @@ def resolve_data(cfg: Config, quiet: bool) -> DataPaths:
     return paths
 
 
-def training_index(cfg: Config, paths: DataPaths, run_dir: Path, quiet: bool) -> CocoIndex:
+def training_index(cfg: Config, paths: DataPaths, write_audit, quiet: bool) -> CocoIndex:
     """The training split after the audit (`data.audit`): drop error-level records (default), stop on
     any (strict), or let everything through (off: fault-injection tests use it)."""
     if cfg.data.audit == "off":
@@ -66,12 +61,12 @@ def training_index(cfg: Config, paths: DataPaths, run_dir: Path, quiet: bool) ->
         if not paths.train_images.is_dir():
             raise UserError(f"{paths.train_images}: no such image folder; check data.train_images")
         report, document = audit_and_clean(paths.train_ann, images_dir=paths.train_images, decode=False)
-        atomic_write_json(run_dir / "audit.json", report.to_json())
+        audit_path = write_audit("audit.json", report.to_json())
         if report.errors and cfg.data.audit == "strict":
             checks = ", ".join(f"{name} ({count})" for name, count in report.summary["by_check"].items()
                                if count and name in CHECKS and CHECKS[name].severity == "error")
             raise UserError(f"{paths.train_ann}: the audit found {report.errors} error(s): {checks}; see "
-                            f"{run_dir / 'audit.json'}, or clean it with `nanguard audit --fix`")
+                            f"{audit_path}, or clean it with `nanguard audit --fix`")
         if not quiet:
             print(f"audit: {report.summary['images']} images, {report.summary['annotations']} annotations, "
                   f"{report.errors} error(s) dropped, {report.warnings} warning(s) (audit.json)", file=sys.stderr)
@@ -81,12 +76,3 @@ def training_index(cfg: Config, paths: DataPaths, run_dir: Path, quiet: bool) ->
 def validation_data(paths: DataPaths, category_ids: tuple[int, ...]) -> tuple[CocoIndex, dict[str, Any]]:
     document = read_coco_json(paths.val_ann)
     return build_index(document, paths.val_ann, paths.val_images, category_ids), document
-
-
-def to_tensors(batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """images: [3, H, W] float32 in [0, 1]; targets: boxes [N, 4] xyxy float32, labels [N] int64."""
-    images = [torch.from_numpy(np.array(image, copy=True)).to(device, non_blocking=True)
-              .permute(2, 0, 1).float().div_(255.0) for image in batch.images]
-    targets = [{"boxes": torch.from_numpy(boxes).to(device), "labels": torch.from_numpy(labels).to(device)}
-               for boxes, labels in zip(batch.boxes, batch.labels)]
-    return images, targets

@@ -10,41 +10,38 @@ from nanguard.fileio import atomic_write_json, dumps, json_safe
 
 
 def run(args) -> int:
-    from nanguard.backends.torch import checkpoint as ckpt
-    from nanguard.backends.torch.data import resolve_data, validation_data
-    from nanguard.backends.torch.evaluate import evaluate
-    from nanguard.backends.torch.model import build_model
-    from nanguard.backends.torch.train import pick_device
     from nanguard.config import apply_override, config_from_dict
+    from nanguard.evaluation.coco import evaluate_boxes
+    from nanguard.run.backend import create_backend
+    from nanguard.run.checkpoints import Checkpoints, list_checkpoints
+    from nanguard.run.data import resolve_data, validation_data
 
     target = Path(args.target)
+    backend = create_backend("torch", args.device)
     if target.is_dir():
-        found = ckpt.list_checkpoints(target)
-        if not found:
-            raise UserError(f"{target}: no checkpoints/step_*.pt; not a run folder, or the run saved none yet")
-        path, out_dir = found[-1][1], target
+        if not list_checkpoints(target, backend.checkpoint_suffix):
+            raise UserError(f"{target}: no checkpoints/step_*{backend.checkpoint_suffix}; not a run folder, or the "
+                            "run saved none yet")
+        checkpoints = Checkpoints(target, backend, keep=0)
+        state = checkpoints.load_newest()
+        path, out_dir = checkpoints.loaded_from, target
     elif target.is_file():
         path = target
         out_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+        state = backend.load_checkpoint(path)
     else:
         raise UserError(f"{target}: no such run folder or checkpoint")
-    state = ckpt.load_checkpoint(path)
     cfg = config_from_dict(state["config"], f"{path} (config)")
     for override in args.overrides:
         cfg = apply_override(cfg, override)
-    device = pick_device(args.device)
     category_ids = tuple(int(c) for c in state["category_ids"])
-    model = build_model(cfg.model, len(category_ids)).to(device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError:
-        raise UserError(f"{path}: its weights do not fit model.name={cfg.model.name}; drop the model.* "
-                        "overrides") from None
+    backend.setup_model(cfg, len(category_ids), state["backend"])
     paths = resolve_data(cfg, args.quiet)
     val_index, document = validation_data(paths, category_ids)
-    metrics, table, detections = evaluate(model, val_index, document, batch_size=cfg.eval.batch_size,
-                                          device=device, max_images=cfg.eval.max_images)
-    metrics = {"checkpoint": str(path), "step": int(state["step"]), **metrics}
+    detections = backend.predict(val_index, batch_size=cfg.eval.batch_size, max_images=cfg.eval.max_images)
+    image_ids = [r.image_id for r in val_index.records[:cfg.eval.max_images]] if cfg.eval.max_images else None
+    metrics, table = evaluate_boxes(document, detections, image_ids)
+    metrics = {"checkpoint": str(path), "step": int(state["run"]["step"]), **metrics}
     atomic_write_json(out_dir / "eval.json", json_safe(metrics))
     if args.detections:
         atomic_write_json(args.detections, detections, indent=None)
@@ -53,6 +50,6 @@ def run(args) -> int:
     else:
         print(table)
         if not args.quiet:
-            print(f"{path}: step {state['step']}, {metrics['images']} images, eval.json in {out_dir}",
+            print(f"{path}: step {state['run']['step']}, {metrics['images']} images, eval.json in {out_dir}",
                   file=sys.stderr)
     return 0

@@ -17,7 +17,8 @@ from nanguard.guard.spikes import MAD_TO_STD
 
 
 class DeviceSpikeDetector:
-    """The device mirror of `nanguard.guard.spikes.SpikeDetector` (same algorithm, same defaults).
+    """The device mirror of `nanguard.guard.spikes.SpikeDetector` (same algorithm, same defaults; the
+    guard passes `GuardConfig`'s spike_* values to both).
 
     The window is a ring buffer of the last `window` accepted values; empty slots are NaN, so
     `torch.nanmedian` (the lower median, as the reference uses) sees only accepted values. float64, so
@@ -25,9 +26,11 @@ class DeviceSpikeDetector:
     """
 
     def __init__(self, window: int = 50, min_history: int = 20, threshold: float = 10.0,
-                 min_ratio: float = 2.0, rel_eps: float = 1e-3, device: torch.device | str = "cpu") -> None:
+                 min_ratio: float = 2.0, rel_eps: float = 1e-3, early_history: int = 3, early_ratio: float = 10.0,
+                 device: torch.device | str = "cpu") -> None:
         self.window, self.min_history = int(window), int(min_history)
         self.threshold, self.min_ratio, self.rel_eps = float(threshold), float(min_ratio), float(rel_eps)
+        self.early_history, self.early_ratio = int(early_history), float(early_ratio)
         self.values = torch.full((self.window,), math.nan, dtype=torch.float64, device=device)
         self.next = torch.zeros((1,), dtype=torch.long, device=device)  # slot the next value goes into
         self.count = torch.zeros((), dtype=torch.long, device=device)
@@ -41,7 +44,11 @@ class DeviceSpikeDetector:
         mad = torch.nanmedian((self.values - median).abs())
         scale = torch.maximum(mad, self.rel_eps * median.abs())
         bound = torch.maximum(median + self.threshold * MAD_TO_STD * scale, self.min_ratio * median)
-        spike = finite & (self.count >= self.min_history) & (x > bound)
+        learning = self.count < self.min_history
+        early_bound = self.early_ratio * torch.where(torch.isnan(self.values), -math.inf, self.values).max()
+        early = learning & (self.count >= max(self.early_history, 1)) & (x > early_bound) if self.early_history \
+            else torch.zeros_like(learning)
+        spike = finite & ((~learning & (x > bound)) | early)
         accept = finite & ~spike
         current = self.values.index_select(0, self.next)
         self.values.index_put_((self.next,), torch.where(accept, x, current))
@@ -153,3 +160,41 @@ def to_host(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_host(v) for v in obj)
     return copy.deepcopy(obj)
+
+
+class LossScaler:
+    """The guard's view of fp16 loss scaling: the one place that knows `torch.amp.GradScaler`'s internals
+    (`_per_optimizer_states`, `_scale`, `_growth_tracker`; tested against the pinned torch).
+
+    An fp16 overflow is the scaler's business: it backs off and the step is masked. A guard incident is
+    not: the scale and its growth tracker stay as they were, as if the step never ran.
+    """
+
+    def __init__(self, scaler, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler, self.optimizer = scaler, optimizer
+        self.enabled = scaler is not None and scaler.is_enabled()
+
+    def backward(self, total: torch.Tensor) -> None:
+        (self.scaler.scale(total) if self.enabled else total).backward()
+        if self.enabled:
+            self.scaler.unscale_(self.optimizer)  # found_inf stays on the device
+
+    def found_inf(self, device: torch.device) -> torch.Tensor:
+        """0-dim bool: did unscaling find an inf/NaN gradient (an overflow, or a real NaN)?"""
+        state = self.scaler._per_optimizer_states[id(self.optimizer)]
+        return (sum(v.to(device) for v in state["found_inf_per_device"].values()) > 0).reshape(())
+
+    def update_unless(self, incident: torch.Tensor) -> torch.Tensor:
+        """Let the scaler back off (or grow) as usual, except on a guard incident. Returns the scale."""
+        scale, tracker = self.scaler._scale.clone(), self.scaler._growth_tracker.clone()
+        self.scaler.update()
+        self.scaler._scale.copy_(torch.where(incident, scale, self.scaler._scale))
+        self.scaler._growth_tracker.copy_(torch.where(incident, tracker, self.scaler._growth_tracker))
+        return self.scaler._scale.reshape(()).float()
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

@@ -136,6 +136,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     (a classifier for another number of classes) are left at their random init."""
     path = Path(path)
     state = read_tensor_file(path, "model.weights")
+    if isinstance(state, dict) and isinstance(state.get("backend"), dict):
+        state = state["backend"]  # a nanguard checkpoint: the model is one of the backend's parts
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

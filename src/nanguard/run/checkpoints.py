@@ -1,0 +1,78 @@
+"""Checkpoint files of a run: names, the keep-N cadence, and resuming from the newest loadable one.
+
+`RUN/checkpoints/step_XXXXXXXX<suffix>` holds the state after XXXXXXXX steps; the backend writes and
+reads the file (atomically; safely), this module decides which. A damaged newest checkpoint (a full
+disk, a copy cut short) does not block a resume: it is renamed aside to `...<suffix>.damaged` (never
+deleted), one line says so, and the run resumes from the newest one that loads.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from nanguard.errors import UserError
+
+# Keys every checkpoint holds besides its stateful parts.
+META_KEYS = ("config", "category_ids")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path, suffix: str = ".pt") -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints of a run, oldest first (temp and damaged files are not)."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    name = re.compile(r"^step_(\d{8,})" + re.escape(suffix) + "$")
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := name.match(p.name)))
+
+
+class Checkpoints:
+    def __init__(self, run_dir: Path, backend, keep: int) -> None:
+        self.run_dir, self.backend, self.keep = Path(run_dir), backend, keep
+        self.suffix = backend.checkpoint_suffix
+        self.loaded_from: Path | None = None
+
+    def path(self, step: int) -> Path:
+        return checkpoint_dir(self.run_dir) / f"step_{step:08d}{self.suffix}"
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write atomically, then drop all but the newest `keep` checkpoints and stale temp files."""
+        path = self.path(step)
+        self.backend.save_checkpoint(path, state)
+        for _, old in list_checkpoints(self.run_dir, self.suffix)[:-self.keep]:
+            old.unlink(missing_ok=True)
+        for tmp in checkpoint_dir(self.run_dir).glob(f".step_*{self.suffix}.*.tmp"):
+            tmp.unlink(missing_ok=True)  # left by a process killed mid-write
+        return path
+
+    def load_newest(self) -> dict[str, Any] | None:
+        """The newest checkpoint that loads and holds every part (None: the run saved none yet). A
+        fallback always says so on stderr, --quiet or not: the user loses steps."""
+        found = list_checkpoints(self.run_dir, self.suffix)
+        for _, path in reversed(found):
+            try:
+                state = self.backend.load_checkpoint(path)
+                missing = [k for k in ("run", "data", "backend", *META_KEYS) if k not in state]
+                if missing:
+                    raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
+            except UserError as err:
+                aside = path.with_name(path.name + ".damaged")
+                try:
+                    path.rename(aside)
+                except OSError:
+                    aside = path
+                print(f"nanguard: {err} -- kept aside as {aside.name}; resuming from an older checkpoint",
+                      file=sys.stderr)
+                continue
+            self.loaded_from = path
+            return state
+        if found:
+            raise UserError(f"{checkpoint_dir(self.run_dir)}: no checkpoint loads (all {len(found)} damaged, kept "
+                            "aside as *.damaged); start a new run with --out")
+        return None

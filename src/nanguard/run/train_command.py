@@ -1,0 +1,89 @@
+"""`nanguard train`: the config, the run folder and its lock, the backend, then `nanguard.run.trainer`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from nanguard.config import Config, apply_override, config_from_dict, dump_yaml, load_config, validate
+from nanguard.errors import UserError
+from nanguard.fileio import dumps
+
+# Keys that a resumed run cannot change: they define the model, the data or the state's layout.
+RESUME_FIXED = ("backend", "seed", "model.", "data.root", "data.train_", "data.val_", "data.synth_", "data.cache",
+                "data.audit", "data.hflip", "train.batch_size", "train.optimizer", "train.fused", "train.amp")
+
+
+def run(args) -> int:
+    from nanguard.guard import parse_fault
+    from nanguard.run.backend import create_backend
+    from nanguard.run.folder import RunFolder
+    from nanguard.run.trainer import train
+
+    for spec in args.inject:
+        parse_fault(spec)  # a bad spec is a user error before anything is written
+    if args.steps is not None and args.steps < 0:
+        raise UserError(f"--steps {args.steps}: must be >= 0 (the step to stop after)")
+    if args.resume is not None and args.config is not None:
+        raise UserError("--resume takes the config saved in the run folder; drop --config")
+    if args.resume is not None and args.out is not None:
+        raise UserError("--resume RUN continues RUN in place; drop --out")
+
+    if args.resume is not None:
+        folder = RunFolder.open(args.resume)
+        try:
+            saved = config_from_dict(folder.read_config(), str(folder.path / "config.yaml"))
+            cfg = _with_injections(_resume_overrides(saved, args.overrides), args.inject)
+            if cfg != saved:  # validated above: the overrides become part of the run's record
+                folder.write_config(dump_yaml(cfg))
+        except BaseException:
+            folder.close()
+            raise
+    else:
+        cfg = _with_injections(load_config(args.config, args.overrides), args.inject)
+    backend = create_backend(cfg.backend, args.device)  # a bad --device or weights file: refused before
+    backend.check_config(cfg)  # anything is written
+    if args.resume is None:
+        out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        folder = RunFolder.create(out, dump_yaml(cfg))
+    with folder:
+        final = train(cfg, folder, backend, resuming=args.resume is not None, quiet=args.quiet, stop_at=args.steps)
+    if args.json:
+        print(dumps(final, indent=2))
+    elif not args.quiet:
+        summary = {k: final.get(k) for k in ("status", "steps", "mAP", "mAP50", "images_per_second",
+                                             "incidents", "skipped_steps", "rollbacks")}
+        print(f"{folder.path}: " + json.dumps(summary), file=sys.stderr)
+    if final["status"] != "completed":
+        print(f"nanguard train: stopped: {final.get('verdict') or final.get('stop_reason')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _with_injections(cfg: Config, inject: list[str]) -> Config:
+    if inject:
+        cfg = replace(cfg, inject=list(cfg.inject) + [s for s in inject if s not in cfg.inject])
+    validate(cfg)
+    return cfg
+
+
+def _resume_overrides(saved: Config, overrides: list[str]) -> Config:
+    """The saved config with the overrides of a --resume; refuses keys that would not fit the checkpoint."""
+    cfg = saved
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        cfg = apply_override(cfg, override)
+        if key.startswith(RESUME_FIXED) and _get(cfg, key) != _get(saved, key):
+            raise UserError(f"--resume: {key} cannot change in a resumed run (the checkpoint was built with "
+                            f"{_get(saved, key)!r}); start a new run with --out, or drop {key}=")
+    return cfg
+
+
+def _get(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node

@@ -1,0 +1,240 @@
+"""`nanguard train` for every backend: the loop, metrics, incidents, checkpoints, exact resume, the eval.
+
+The run folder:
+  config.yaml       the resolved config (also inside every checkpoint)
+  audit.json        the training split's audit (data.audit=drop|strict)
+  metrics.jsonl     every train.log_every steps: step, each loss component, total, lr, grad norm, img/s
+  incidents.jsonl   one line per incident (the guard)
+  injections.jsonl  what --inject did (nothing in nanguard reads it)
+  checkpoints/step_XXXXXXXX.<suffix>   after XXXXXXXX steps; the newest train.keep_checkpoints kept
+  eval.json, final.json
+
+Steps are counted from 0: the observation, metrics and incident of step s describe the (s+1)-th batch;
+`step_00000100` holds the state after 100 steps. Resuming from it replays nothing and skips nothing: the
+data cursor and the backend's whole state (RNG, optimizer, schedule, guard) come back, so a run killed at
+any moment and resumed ends bit-identical (on the CPU) to the run that was never killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from nanguard.config import Config
+from nanguard.data.loader import BatchLoadError, Loader
+from nanguard.errors import UserError
+from nanguard.fileio import json_safe
+from nanguard.guard import NOTE_KINDS, FaultPlan, IncidentLog, InjectionLog, NullInjectionLog, Outcome
+from nanguard.progress import TrainProgress
+from nanguard.run.backend import Backend
+from nanguard.run.checkpoints import Checkpoints
+from nanguard.run.data import DataPaths, resolve_data, training_index, validation_data
+from nanguard.run.folder import RunFolder, io_error
+
+
+@dataclass
+class Counters:
+    """The run's own stateful part: where it is and how long it has trained."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.train_seconds = int(state["step"]), float(state["train_seconds"])
+
+
+class Metrics:
+    """metrics.jsonl: one line every train.log_every steps (and the last), with img/s since the last."""
+
+    def __init__(self, folder: RunFolder, log_every: int, last_step: int, progress: TrainProgress) -> None:
+        self.folder, self.log_every, self.last_step, self.progress = folder, log_every, last_step, progress
+        self.marks: dict[int, tuple[float, int]] = {}  # step -> (time, images so far) when it had run
+        self.images = 0
+
+    def start(self, step: int) -> None:
+        self.marks = {step - 1: (time.perf_counter(), 0)}
+        self.last_logged = step - 1
+
+    def ran(self, step: int, images: int) -> None:
+        self.images += images
+        self.marks[step] = (time.perf_counter(), self.images)
+
+    def due(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.last_step
+
+    def write(self, outcome: Outcome) -> None:
+        obs = outcome.observation
+        if not self.due(obs.step) or obs.step not in self.marks:
+            return
+        (t0, n0), (t1, n1) = self.marks[self.last_logged], self.marks[obs.step]
+        rate = (n1 - n0) / max(t1 - t0, 1e-9)
+        self.marks = {k: v for k, v in self.marks.items() if k >= obs.step}
+        self.last_logged = obs.step
+        self.folder.append("metrics.jsonl", json_safe({
+            "step": obs.step, **obs.losses, "total_loss": obs.total_loss, "lr": obs.lr,
+            "grad_norm": obs.grad_norm, "images_per_second": round(rate, 3), "applied": obs.applied,
+            **({"loss_scale": obs.loss_scale} if obs.loss_scale is not None else {})}))
+        self.progress.metrics(obs.total_loss, rate)
+
+
+def train(cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, quiet: bool,
+          stop_at: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `folder` until step `stop_at` (default: train.steps; the LR
+    schedule always spans train.steps, so stopping early and resuming changes nothing); returns
+    final.json's content."""
+    paths = resolve_data(cfg, quiet)
+    train_index = training_index(cfg, paths, folder.write_json, quiet)
+    plan = FaultPlan(cfg.inject, seed=cfg.seed)
+    plan.check(amp=cfg.train.amp)
+    loader = Loader(train_index, cfg.train.batch_size, seed=cfg.seed, hflip=cfg.data.hflip,
+                    prefetch=cfg.data.prefetch)
+    counters = Counters()
+    checkpoints = Checkpoints(folder.path, backend, keep=cfg.train.keep_checkpoints)
+    # The checkpoint's contents, declared once: save and load both loop over these parts.
+    parts = {"run": counters, "data": loader, "backend": backend}
+    state = checkpoints.load_newest() if resuming else None
+    if state is not None:
+        if tuple(state["category_ids"]) != train_index.category_ids:
+            raise UserError(f"{checkpoints.loaded_from}: trained on other categories than {paths.train_ann}")
+        counters.load_state_dict(state["run"])
+    if resuming:  # lines after the checkpoint are written again; the counters restart from the rest
+        folder.truncate_logs(counters.step)
+    incidents = IncidentLog(folder.path / "incidents.jsonl", resume=resuming)
+    injections = InjectionLog(folder.path / "injections.jsonl") if plan else NullInjectionLog()
+    backend.setup(cfg, train_index.num_classes, incidents=incidents, faults=plan, injections=injections)
+    if state is not None:
+        for name, part in parts.items():
+            if name != "run":
+                part.load_state_dict(state[name])
+
+    total_steps = cfg.train.steps if stop_at is None else stop_at
+    progress = TrainProgress(total_steps, start=counters.step, enabled=not quiet)
+    metrics = Metrics(folder, cfg.train.log_every, total_steps - 1, progress)
+
+    pending = PendingCheckpoints(checkpoints, backend, confirm=cfg.policy.snapshot_confirm if cfg.guard.enabled else 0)
+
+    def handle(outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            decision = outcome.decision
+            if decision.quarantine:
+                loader.quarantine(decision.quarantine)
+            if decision.kinds and not decision.ignored:
+                progress.incident(outcome.observation.step, decision)
+            metrics.write(outcome)
+            pending.observe(outcome)
+
+    started = time.perf_counter()
+    metrics.start(counters.step)
+    try:
+        with progress, _io_errors_name_the_path(folder):
+            while counters.step < total_steps and not backend.stopped:
+                step = counters.step
+                try:
+                    batch = loader.next()
+                except BatchLoadError as err:  # an unreadable image: an incident, not the end of the run
+                    metrics.ran(step, 0)
+                    handle(backend.skip_batch(err.cause, (err.key.epoch, err.key.position), err.image_ids))
+                else:
+                    outcomes = backend.train_step(batch)
+                    metrics.ran(step, len(batch.images))
+                    handle(outcomes)
+                counters.step += 1
+                progress.advance(counters.step)
+                last = counters.step == total_steps or backend.stopped
+                if counters.step % cfg.train.checkpoint_every == 0 or last:
+                    handle(backend.flush())  # a sync, once per checkpoint: the state must be final
+                    counters.train_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    pending.add(counters.step, {
+                        **{name: part.state_dict() for name, part in parts.items()},
+                        "config": cfg.to_dict(), "category_ids": list(train_index.category_ids)}, now=last)
+    finally:
+        loader.close()
+
+    final: dict[str, Any] = {
+        "status": "stopped" if backend.stopped else "completed",
+        "steps": counters.step,
+        "train_seconds": round(counters.train_seconds, 3),
+        "images_per_second": round(counters.step * cfg.train.batch_size / max(counters.train_seconds, 1e-9), 3),
+        **incidents.summary(),
+        "injections": injections.count if plan else 0,
+        "weights_finite": backend.weights_finite(),
+    }
+    if backend.stopped:
+        final["verdict"] = backend.policy_state.stop_verdict
+        final["stop_reason"] = backend.policy_state.stop_reason
+    if cfg.train.eval_at_end:
+        final.update(evaluate_run(cfg, backend, paths, train_index.category_ids, quiet, folder))
+    folder.write_json("final.json", json_safe(final))
+    return final
+
+
+class PendingCheckpoints:
+    """A checkpoint is a confirmed snapshot. The state after c steps is written only once the
+    `confirm` steps run with it (c, c+1, ...) were healthy: an LR spike applied in the step before c
+    shows only in step c's loss, and a checkpoint must never hold a ruined state. A bad step in the
+    window drops it (the next one comes checkpoint_every steps later); the last checkpoint of a run is
+    written at once. When one is written, the backend takes it as its base state (its older rollback
+    targets go), exactly as a process that resumes from it starts: so a run resumed after a kill -9 is
+    bit-identical to the one never killed, rollbacks included."""
+
+    def __init__(self, checkpoints: Checkpoints, backend: Backend, confirm: int) -> None:
+        self.checkpoints, self.backend, self.confirm = checkpoints, backend, confirm
+        self.waiting: list[list] = []  # [steps done, state, healthy observations since], oldest first
+
+    def add(self, steps_done: int, state: dict[str, Any], *, now: bool) -> None:
+        if now or self.confirm == 0:
+            self.waiting.clear()  # older ones are superseded
+            self._write(steps_done, state)
+        else:
+            self.waiting.append([steps_done, state, 0])
+
+    def observe(self, outcome: Outcome) -> None:
+        step, decision = outcome.observation.step, outcome.decision
+        bad = decision.ignored or any(kind not in NOTE_KINDS for kind in decision.kinds)
+        for entry in list(self.waiting):
+            if step < entry[0]:
+                continue
+            if bad:
+                self.waiting.remove(entry)
+                continue
+            entry[2] += 1
+            if entry[2] >= self.confirm:
+                self.waiting.remove(entry)
+                self._write(entry[0], entry[1])
+
+    def _write(self, steps_done: int, state: dict[str, Any]) -> None:
+        self.checkpoints.save(steps_done, state)
+        self.backend.rebase(steps_done, state["backend"])
+
+
+@contextlib.contextmanager
+def _io_errors_name_the_path(folder: RunFolder):
+    """An OSError while writing the run's files (a full disk, a folder made read-only) ends the run with
+    one line naming the file and the cause; the checkpoints written so far resume it."""
+    try:
+        yield
+    except OSError as exc:
+        raise io_error(exc.filename or folder.path, exc, "write the run's files") from None
+
+
+def evaluate_run(cfg: Config, backend: Backend, paths: DataPaths, category_ids, quiet: bool,
+                 folder: RunFolder | None) -> dict[str, Any]:
+    """mAP on the validation split; the 12-line table on stderr, eval.json in the run folder."""
+    from nanguard.evaluation.coco import evaluate_boxes
+
+    val_index, document = validation_data(paths, category_ids)
+    detections = backend.predict(val_index, batch_size=cfg.eval.batch_size, max_images=cfg.eval.max_images)
+    image_ids = [r.image_id for r in val_index.records[:cfg.eval.max_images]] if cfg.eval.max_images else None
+    metrics, table = evaluate_boxes(document, detections, image_ids)
+    if not quiet:
+        print(table, file=sys.stderr)
+    if folder is not None:
+        folder.write_json("eval.json", json_safe(metrics))
+    return {"mAP": metrics["mAP"], "mAP50": metrics["mAP50"], "mAP75": metrics["mAP75"]}
