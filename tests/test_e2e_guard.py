@@ -203,12 +203,23 @@ def zero_width_box(data: Path, image_id: int) -> None:
     ann.write_text(json.dumps(document))
 
 
-def quarantine_run(small: Path, base: Path, image_id: int) -> Path:
-    data = copy_data(small, base / "data")
-    zero_width_box(data, image_id)
-    run = base / "run"
-    assert train(run, data, "train.steps=14", "data.audit=off", "policy.quarantine_after=2") == 0
-    return run
+@pytest.fixture(scope="module")
+def quarantine_runs(small, tmp_path_factory):
+    """run(image_id, prefetch): 14 steps on a copy of the data where one box of `image_id` is
+    zero-width, with policy.quarantine_after=2 (each run made once)."""
+    base, done = tmp_path_factory.mktemp("quarantine"), {}
+
+    def get(image_id: int, prefetch: int = 1) -> Path:
+        if (image_id, prefetch) not in done:
+            folder = base / f"image{image_id}-prefetch{prefetch}"
+            data = copy_data(small, folder / "data")
+            zero_width_box(data, image_id)
+            run = folder / "run"
+            assert train(run, data, "train.steps=14", "data.audit=off", "policy.quarantine_after=2",
+                         f"data.prefetch={prefetch}") == 0
+            done[image_id, prefetch] = run
+        return done[image_id, prefetch]
+    return get
 
 
 def first_epoch_after_the_decision(quarantine_step: int) -> int:
@@ -218,9 +229,10 @@ def first_epoch_after_the_decision(quarantine_step: int) -> int:
     return (decided_at // STEPS_PER_EPOCH + 1) * STEPS_PER_EPOCH
 
 
-def test_an_image_that_always_fails_is_quarantined_and_leaves_the_batches(small, tmp_path):
+def test_an_image_that_always_fails_is_quarantined_and_leaves_the_batches(quarantine_runs):
     # image 4 sits at positions 1 and 0 of epochs 0 and 1: its second failure is decided mid-epoch
-    run = quarantine_run(small, tmp_path, image_id=4)
+    # (with data.prefetch=1 from tiny_args; the default 2 is the xfail below)
+    run = quarantine_runs(4)
     result = final(run)
     assert result["status"] == "completed" and result["steps"] == 14
     assert result["quarantined"] == [4]
@@ -241,13 +253,24 @@ def test_an_image_that_always_fails_is_quarantined_and_leaves_the_batches(small,
     "sampler freezes the next epoch's exclusions when its cursor (one observation late, data.prefetch "
     "batches ahead) crosses the epoch boundary, before the decision arrives; the image is trained on, "
     "and fails, once more"))
-def test_a_quarantine_decided_at_the_end_of_an_epoch_holds_from_the_next_epoch(small, tmp_path):
+def test_a_quarantine_decided_at_the_end_of_an_epoch_holds_from_the_next_epoch(quarantine_runs):
     # image 1 sits at position 2 of epochs 0 and 1: its quarantine is decided in the epoch's last step
-    run = quarantine_run(small, tmp_path, image_id=1)
+    run = quarantine_runs(1)
     assert final(run)["quarantined"] == [1]
     mine = incidents_with(run, 1)
     quarantined_at = next(r["step"] for r in mine if r["quarantined"] == [1])
     assert [r["step"] for r in mine if r["step"] >= first_epoch_after_the_decision(quarantined_at)] == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "which batches a run trains on depends on data.prefetch, a performance setting: with the default "
+    "data.prefetch=2 the sampler has already frozen the next epoch's exclusions when image 4's "
+    "quarantine is decided (while running step 5 of the epoch of steps 4-7), so it is trained on, and "
+    "fails, again at step 11; with data.prefetch=1 it is not"))
+def test_quarantine_does_not_depend_on_data_prefetch(quarantine_runs):
+    def seen(run):
+        return [(r["step"], r["image_ids"], r["action"]) for r in jsonl(run / "incidents.jsonl")]
+    assert seen(quarantine_runs(4, prefetch=2)) == seen(quarantine_runs(4, prefetch=1))
 
 
 # ------------------------------------------------------------------------ c. an unreadable image
