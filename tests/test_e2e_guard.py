@@ -429,12 +429,15 @@ def test_a_spiked_lr_is_applied_at_most_once(fault_runs, name):
 def test_a_late_lr_spike_is_caught_on_the_next_step(fault_runs):
     run = fault_runs("lr_spike_late")
     incidents = jsonl(run / "incidents.jsonl")
-    assert incidents and incidents[0]["step"] == 22
-    assert set(incidents[0]["kinds"]) & {"loss_spike", "grad_spike"}
+    # the spiked update itself (step 21) looks healthy; its damage shows on step 22 (a guard that
+    # flags the spiked step itself would do better still)
+    assert incidents and incidents[0]["step"] in (21, 22)
+    assert set(incidents[0]["kinds"]) & {"loss_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad"}
     assert all(set(r["kinds"]) <= SPIKE_OR_NONFINITE for r in incidents)
-    # from the spike on, the damaged model's updates are masked, none applied
-    applied = {r["step"]: r["applied"] for r in jsonl(run / "metrics.jsonl")}
-    assert [s for s in range(22, 25) if applied[s]] == []
+    # the damaged model is never trained on: no update is applied at a loss 100x the usual
+    metrics = jsonl(run / "metrics.jsonl")
+    usual = statistics.median(r["total_loss"] for r in metrics[:21])
+    assert [r["step"] for r in metrics if r["applied"] and r["total_loss"] > 100 * usual] == []
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -444,4 +447,7 @@ def test_a_late_lr_spike_is_caught_on_the_next_step(fault_runs):
 def test_an_early_lr_spike_is_caught_soon_after(fault_runs):
     run = fault_runs("lr_spike_early")
     incidents = jsonl(run / "incidents.jsonl")
-    assert any(4 <= r["step"] <= 6 and set(r["kinds"]) & SPIKE_OR_NONFINITE for r in incidents), incidents
+    assert any(3 <= r["step"] <= 6 and set(r["kinds"]) & SPIKE_OR_NONFINITE for r in incidents), incidents
+    metrics = jsonl(run / "metrics.jsonl")
+    usual = statistics.median(r["total_loss"] for r in metrics[:3])
+    assert [r["step"] for r in metrics if r["applied"] and r["total_loss"] > 100 * usual] == []
