@@ -149,4 +149,29 @@ def test_injection_log_lines(tmp_path):
                           "params": {"factor": 1000.0}, "detail": {"lr": "inf"}}
     assert records[1]["params"] == {"value": "nan", "every": 100, "count": 3}
     assert read_injections(tmp_path) == records and log.count == 2
-    assert NullInjectionLog().record(1, spec)["kind"] == "lr_spike"
+
+
+def test_null_injection_log_writes_nothing_and_returns_the_real_line(tmp_path, monkeypatch):
+    """A run without --inject uses NullInjectionLog: recording into it must write no file anywhere
+    (checked by catching every append the module makes and running from tmp_path, since the null log
+    has no path) and hand back the line the real log would have written."""
+    import nanguard.guard.faults as faults_module
+
+    appended = []
+    real_append = faults_module.append_jsonl
+    monkeypatch.setattr(faults_module, "append_jsonl",
+                        lambda path, record: (appended.append(path), real_append(path, record)))
+    monkeypatch.chdir(tmp_path)
+    calls = [(300, parse_fault("lr_spike@300:factor=1000"), 0, {"lr_factor": 1000.0}),
+             (301, parse_fault("grad_nan@50:every=100:count=3"), 1, "param rpn.conv.weight[3]"),
+             (7, parse_fault("zero_box@7"), 0, "")]
+
+    null = NullInjectionLog()
+    null_lines = [null.record(*call) for call in calls]
+    assert appended == [] and list(tmp_path.iterdir()) == []
+    assert null.path is None and null.count == 0
+
+    real = InjectionLog(tmp_path / "run" / "injections.jsonl")
+    real_lines = [real.record(*call) for call in calls]
+    assert appended == [real.path] * 3  # the hook does see the real log's writes
+    assert null_lines == real_lines == read_injections(tmp_path / "run")

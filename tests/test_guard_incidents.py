@@ -106,11 +106,42 @@ def test_summary_counters(tmp_path):
     assert fresh.summary()["incidents"] == 0
 
 
-def test_null_log_counts_but_writes_nothing(tmp_path):
-    log = NullIncidentLog()
-    feed(log, [healthy(0), nan_loss(1)])
-    assert log.summary()["incidents"] == 1 and log.path is None
-    assert list(tmp_path.iterdir()) == []
+def test_null_log_counts_like_the_real_log_but_writes_nothing(tmp_path, monkeypatch):
+    """NullIncidentLog takes no path, so "nothing in tmp_path" alone proves nothing: run from inside
+    tmp_path (a relative default would land there) and catch every JSONL append the module makes."""
+    import nanguard.guard.incidents as incidents_module
+
+    appended = []
+    real_append = incidents_module.append_jsonl
+    monkeypatch.setattr(incidents_module, "append_jsonl",
+                        lambda path, record: (appended.append(path), real_append(path, record)))
+    monkeypatch.chdir(tmp_path)
+    observations = [healthy(0), nan_loss(1), healthy(2), nan_loss(3, images=(1,)),
+                    Observation(step=4, wild_param=True, nonfinite_param=False)]
+    config = PolicyConfig(quarantine_after=2)
+
+    null = NullIncidentLog()
+    null_records = []
+    state = PolicyState()
+    for obs in observations:
+        decision, state = decide(state, obs, config)
+        null_records.append(null.record(obs, decision))
+    assert appended == [] and list(tmp_path.iterdir()) == [] and null.path is None
+
+    # the same stream through the real log: the null log returns the same records and counts the same
+    real_path = tmp_path / "real" / "incidents.jsonl"
+    real = IncidentLog(real_path)
+    real_records = []
+    state = PolicyState()
+    for obs in observations:
+        decision, state = decide(state, obs, config)
+        real_records.append(real.record(obs, decision))
+    assert appended == [real_path] * 3  # the hook does see real writes
+    assert null_records == real_records and [r is None for r in null_records] == [
+        True, False, True, False, False]
+    assert null.summary() == real.summary()
+    assert null.summary()["incidents"] == 3 and null.summary()["quarantined"] == [1]
+    assert null.summary()["rollbacks"] == 1
 
 
 def test_read_incidents_skips_a_torn_last_line(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -326,10 +327,45 @@ def test_describe_names_every_kind():
     assert good(4).describe() == "step 4: healthy"
 
 
-def test_decision_to_dict_is_json():
-    decision, _ = decide(PolicyState(), bad(0))
-    assert json.loads(dumps(decision.to_dict()))["action"] == "skip"
-    assert isinstance(decision, Decision)
+def test_decision_to_dict_is_strict_json_with_every_field():
+    """What the backend and the incident log read from a decision survives strict JSON: every field,
+    with the tuples as lists, for each kind of action."""
+    field_names = [f.name for f in dataclasses.fields(Decision)]
+
+    def round_trip(decision: Decision) -> dict:
+        data = json.loads(dumps(decision.to_dict()))  # dumps: allow_nan=False
+        assert list(data) == field_names
+        rebuilt = Decision(**{**data, "quarantine": tuple(data["quarantine"]), "kinds": tuple(data["kinds"])})
+        assert rebuilt == decision
+        return data
+
+    skip, _ = decide(PolicyState(), bad(0))
+    assert round_trip(skip) == {
+        "step": 0, "action": "skip",
+        "reason": "step 0: non-finite loss (loss_box_reg=nan); isolated bad step, update masked on the "
+                  "device: skipped",
+        "lr_factor": 1.0, "snapshot_ok": False, "quarantine": [], "kinds": ["nonfinite_loss"],
+        "verdict": None, "rollback_to_step": None, "ignore_through_step": None, "ignored": False}
+
+    decisions, _ = run([good(0), good(5, nonfinite_param=False), Observation(step=6, wild_param=True)])
+    rollback = round_trip(decisions[-1])
+    assert (rollback["action"], rollback["kinds"], rollback["rollback_to_step"],
+            rollback["ignore_through_step"]) == ("rollback", ["wild_param"], 5, 7)
+
+    decisions, _ = run([bad(0, image_ids=(1,)), good(1), bad(2, image_ids=(1, "x"))])
+    quarantine = round_trip(decisions[-1])
+    assert (quarantine["action"], quarantine["quarantine"]) == ("quarantine", [1])
+
+    decisions, _ = run([good(0), Observation(step=1, wild_param=True)], PolicyConfig(max_rollbacks=0))
+    stop = round_trip(decisions[-1])
+    assert stop["action"] == "stop" and isinstance(stop["verdict"], str) and stop["verdict"]
+
+    decisions, _ = run([good(0, nonfinite_param=False), Observation(step=1, wild_param=True), bad(2)])
+    ignored = round_trip(decisions[-1])
+    assert ignored["ignored"] is True and ignored["action"] == "none"
+
+    lr_inf, _ = decide(PolicyState(lr_factor=0.25), bad(3, lr=INF))
+    assert round_trip(lr_inf)["lr_factor"] == 0.25
 
 
 # ---------------------------------------------------------------- properties
