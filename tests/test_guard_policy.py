@@ -344,7 +344,7 @@ def test_decision_to_dict_is_strict_json_with_every_field():
         "step": 0, "action": "skip",
         "reason": "step 0: non-finite loss (loss_box_reg=nan); isolated bad step, update masked on the "
                   "device: skipped",
-        "lr_factor": 1.0, "snapshot_ok": False, "quarantine": [], "kinds": ["nonfinite_loss"],
+        "lr_factor": 1.0, "confirm_snapshot": None, "quarantine": [], "kinds": ["nonfinite_loss"],
         "verdict": None, "rollback_to_step": None, "ignore_through_step": None, "ignored": False}
 
     decisions, _ = run([good(0), good(5, nonfinite_param=False), Observation(step=6, wild_param=True)])

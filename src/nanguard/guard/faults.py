@@ -301,10 +301,11 @@ class InjectionLog:
     {step, kind, rank, params, detail}. `detail` says what the backend did (which image, parameter,
     element), a string or a dict."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, resume: bool = False) -> None:
+        """With `resume=True` the count starts from the lines already in the file (a resumed run)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.count = 0
+        self.count = len(read_jsonl(self.path)) if resume else 0
 
     def record(self, step: int, spec: FaultSpec, rank: int = 0,
                detail: str | dict[str, Any] = "") -> dict[str, Any]:
@@ -324,8 +325,8 @@ class NullInjectionLog:
 
     def record(self, step: int, spec: FaultSpec, rank: int = 0,
                detail: str | dict[str, Any] = "") -> dict[str, Any]:
-        return {"step": int(step), "kind": spec.kind, "rank": int(rank),
-                "params": spec.params_dict(), "detail": detail}
+        return json_safe({"step": int(step), "kind": spec.kind, "rank": int(rank),
+                          "params": spec.params_dict(), "detail": detail})
 
 
 def read_injections(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

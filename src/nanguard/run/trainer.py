@@ -106,7 +106,7 @@ def train(cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, q
     if resuming:  # lines after the checkpoint are written again; the counters restart from the rest
         folder.truncate_logs(counters.step)
     incidents = IncidentLog(folder.path / "incidents.jsonl", resume=resuming)
-    injections = InjectionLog(folder.path / "injections.jsonl") if plan else NullInjectionLog()
+    injections = InjectionLog(folder.path / "injections.jsonl", resume=resuming) if plan else NullInjectionLog()
     backend.setup(cfg, train_index.num_classes, incidents=incidents, faults=plan, injections=injections)
     if state is not None:
         for name, part in parts.items():
