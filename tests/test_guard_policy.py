@@ -347,10 +347,12 @@ def test_decision_to_dict_is_strict_json_with_every_field():
         "lr_factor": 1.0, "confirm_snapshot": None, "quarantine": [], "kinds": ["nonfinite_loss"],
         "verdict": None, "rollback_to_step": None, "ignore_through_step": None, "ignored": False}
 
-    decisions, _ = run([good(0), good(5, nonfinite_param=False), Observation(step=6, wild_param=True)])
+    config = PolicyConfig(snapshot_every=5, snapshot_healthy=1, snapshot_confirm=1)
+    decisions, _ = run([good(0), good(5, nonfinite_param=False), good(6), Observation(step=7, wild_param=True)],
+                       config)
     rollback = round_trip(decisions[-1])
     assert (rollback["action"], rollback["kinds"], rollback["rollback_to_step"],
-            rollback["ignore_through_step"]) == ("rollback", ["wild_param"], 5, 7)
+            rollback["ignore_through_step"]) == ("rollback", ["wild_param"], 5, 8)
 
     decisions, _ = run([bad(0, image_ids=(1,)), good(1), bad(2, image_ids=(1, "x"))])
     quarantine = round_trip(decisions[-1])
