@@ -33,7 +33,7 @@ class ModelConfig:
     representation_size: int = 256  # box head MLP width (tiny only; torchvision's use 1024)
     trainable_bn: bool = True  # random init + frozen BN = no normalisation at all
     rpn_pre_nms_top_n_train: int = 600
-    rpn_post_nms_top_n_train: int = 300
+    rpn_post_nms_top_n_train: int = 100  # the demo's few objects a image need few proposals; RoI cost scales with it
     rpn_pre_nms_top_n_test: int = 300
     rpn_post_nms_top_n_test: int = 100
     box_batch_size_per_image: int = 128
@@ -65,7 +65,7 @@ class TrainConfig:
     batch_size: int = 8
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     fused: bool = True  # fused optimizers take the guard's found_inf: a masked update for free
-    lr: float = 0.04  # the demo: 0.04 reached mAP50 0.89 where 0.02 reached 0.77 (1600 steps, batch 8)
+    lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 4e-5
     warmup_steps: int = 100
