@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from nanguard.data.coco import build_index, read_coco_json
-from nanguard.data.loader import BatchSampler, Loader
+from nanguard.data.loader import BatchLoadError, BatchSampler, Loader
 from nanguard.errors import UserError
 
 
@@ -50,6 +50,42 @@ def test_quarantine_applies_from_the_next_epoch():
     next_epoch = [i for _ in range(3) for i in s.next_key().indices]
     assert first.indices[0] not in next_epoch
     assert s.state_dict()["quarantined"] == [first.indices[0]]
+
+
+def test_cached_images_give_the_same_batches(shapes):
+    index = _index(shapes)
+    cached = Loader(index, 4, seed=3, prefetch=1)
+    uncached = Loader(index, 4, seed=3, prefetch=0, cache_bytes=0)
+    for _ in range(15):  # 6 batches an epoch: later epochs come from memory
+        a, b = cached.next(), uncached.next()
+        assert a.key == b.key
+        for x, y in zip(a.images, b.images):
+            assert np.array_equal(x, y)
+    assert len(cached.cache) == len(index) and uncached.cache is None
+    first = cached.cache.get(0, index.records[0].path)
+    with pytest.raises(ValueError):  # batches hand out views of the cache: it must not be written
+        first[0, 0, 0] = 1
+    cached.close()
+    small = Loader(index, 4, seed=3, prefetch=0, cache_bytes=3 * first.nbytes)
+    for _ in range(6):
+        small.next()
+    assert len(small.cache) == 3 and small.cache.bytes <= 3 * first.nbytes
+
+
+def test_an_unreadable_image_fails_every_time_with_the_cache(tmp_path, shapes):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(shapes, root)
+    index = _index(root)
+    broken = index.records[0]
+    Path(broken.path).write_bytes(b"not a png")
+    loader = Loader(index, 24, seed=0, prefetch=0)  # one batch an epoch: every batch holds the image
+    for _ in range(2):
+        with pytest.raises(BatchLoadError) as err:
+            loader.next()
+        assert broken.image_id in err.value.image_ids
+    assert 0 not in loader.cache
 
 
 def test_batches_carry_ids_and_are_deterministic(shapes):
