@@ -33,7 +33,7 @@ class ModelConfig:
     representation_size: int = 256  # box head MLP width (tiny only; torchvision's use 1024)
     trainable_bn: bool = True  # random init + frozen BN = no normalisation at all
     rpn_pre_nms_top_n_train: int = 600
-    rpn_post_nms_top_n_train: int = 100  # the demo's few objects a image need few proposals; RoI cost scales with it
+    rpn_post_nms_top_n_train: int = 100  # the demo has 1-6 objects an image; the RoI head costs in proportion
     rpn_pre_nms_top_n_test: int = 300
     rpn_post_nms_top_n_test: int = 100
     box_batch_size_per_image: int = 128
