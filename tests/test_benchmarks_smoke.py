@@ -84,3 +84,21 @@ def test_fault_campaign_smoke(tmp_path):
     assert runs[("loss_nan", "guarded")]["completed"] and runs[("loss_nan", "guarded")]["weights_finite"]
     assert runs[("loss_nan", "guarded")]["skipped_steps"] == 1
     assert runs[("loss_nan", "unguarded")]["weights_finite"] is False
+
+
+def test_demo_vs_plain_smoke(tmp_path):
+    from nanguard.data.synth import generate
+
+    data = tmp_path / "data"
+    generate(data, images=4, val_images=2, size=64, classes=3, seed=0, progress=False)
+    out = tmp_path / "demo_vs_plain.json"
+    stdout = run_benchmark("demo_vs_plain", "--steps", "1", "--data", str(data), "--threads", "1", "--plain-table",
+                           "--json-out", str(out), "train.batch_size=2", "train.threads=1")
+    result = read(out)
+    assert result["benchmark"] == "demo_vs_plain"
+    assert set(result["results"]) == {"plain", "nanguard"}
+    for side in result["results"].values():
+        assert side["steps"] == 1 and side["step_seconds"] > 0 and 0 <= side["mAP50"] <= 1
+    assert result["results"]["nanguard"]["status"] == "completed"
+    assert result["ratio_step_seconds"] > 0
+    assert "nanguard/plain s/step" in stdout

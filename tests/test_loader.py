@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from nanguard.data.coco import build_index, read_coco_json
-from nanguard.data.loader import BatchSampler, Loader
+from nanguard.data.loader import BatchKey, BatchLoadError, BatchSampler, Loader
 from nanguard.errors import UserError
 
 
@@ -50,6 +50,104 @@ def test_quarantine_applies_from_the_next_epoch():
     next_epoch = [i for _ in range(3) for i in s.next_key().indices]
     assert first.indices[0] not in next_epoch
     assert s.state_dict()["quarantined"] == [first.indices[0]]
+
+
+def test_every_past_key_replays_exactly_after_quarantines():
+    """keys_at(e, p) gives the key next_key() handed out, for every epoch, however much was quarantined
+    after it (the replay of past steps depends on it); also after a state_dict round trip."""
+    s = BatchSampler(20, 3, seed=7)
+    handed_out = []
+    for step in range(60):  # 6 batches an epoch at first: 10 epochs, quarantines in 5 of them
+        key = s.next_key()
+        handed_out.append(key)
+        if step in (2, 9, 10, 25, 40, 41):
+            s.quarantine([key.indices[0]])
+    assert len(s.quarantined) == 6 and handed_out[-1].epoch >= 9
+    for key in handed_out:
+        assert s.keys_at(key.epoch, key.position) == key
+    restored = BatchSampler(20, 3, seed=7)
+    restored.load_state_dict(s.state_dict())
+    for key in handed_out:
+        assert restored.keys_at(key.epoch, key.position) == key
+    assert [s.next_key() for _ in range(12)] == [restored.next_key() for _ in range(12)]
+
+
+def test_state_saved_before_the_history_resumes_the_same():
+    """A checkpoint from before the quarantine history (`quarantined` + `excluded_this_epoch` only)
+    continues with the same batches."""
+    s = BatchSampler(12, 2, seed=1)
+    for _ in range(8):
+        s.next_key()
+    s.quarantine([3])
+    s.next_key()
+    s.quarantine([5])
+    state = s.state_dict()
+    old_format = {k: state[k] for k in ("epoch", "position", "quarantined", "excluded_this_epoch")}
+    restored = BatchSampler(12, 2, seed=1)
+    restored.load_state_dict(old_format)
+    assert [s.next_key() for _ in range(20)] == [restored.next_key() for _ in range(20)]
+
+
+def test_loader_keys_replay_with_prefetch_checkpoints_and_quarantine(shapes):
+    """The loader's cursor runs ahead (prefetch) and steps back (state_dict, skip); the batches it
+    handed out still come back from keys_at, and a replay loads the same pixels."""
+    index = _index(shapes)  # 24 images, batch 5: 4 batches an epoch
+    loader = Loader(index, 5, seed=2, prefetch=2)
+    batches = []
+    for step in range(30):
+        batches.append(loader.next())
+        if step in (3, 6, 14):
+            loader.quarantine([batches[-1].image_ids[0]])
+        if step % 4 == 1:
+            loader.state_dict()  # a checkpoint: drops what was prefetched
+        if step == 20:
+            loader.skip(2)
+    for batch in batches:
+        key = batch.key
+        assert loader.sampler.keys_at(key.epoch, key.position) == key
+    again = loader.replay(batches[5].key)
+    assert all(np.array_equal(a, b) for a, b in zip(again.images, batches[5].images))
+    loader.close()
+
+
+def test_batch_key_as_plain_data():
+    assert BatchKey(3, 7, (1, 2)).to_dict() == {"epoch": 3, "position": 7}
+
+
+def test_cached_images_give_the_same_batches(shapes):
+    index = _index(shapes)
+    cached = Loader(index, 4, seed=3, prefetch=1)
+    uncached = Loader(index, 4, seed=3, prefetch=0, cache_bytes=0)
+    for _ in range(15):  # 6 batches an epoch: later epochs come from memory
+        a, b = cached.next(), uncached.next()
+        assert a.key == b.key
+        for x, y in zip(a.images, b.images):
+            assert np.array_equal(x, y)
+    assert len(cached.cache) == len(index) and uncached.cache is None
+    first = cached.cache.get(0, index.records[0].path)
+    with pytest.raises(ValueError):  # batches hand out views of the cache: it must not be written
+        first[0, 0, 0] = 1
+    cached.close()
+    small = Loader(index, 4, seed=3, prefetch=0, cache_bytes=3 * first.nbytes)
+    for _ in range(6):
+        small.next()
+    assert len(small.cache) == 3 and small.cache.bytes <= 3 * first.nbytes
+
+
+def test_an_unreadable_image_fails_every_time_with_the_cache(tmp_path, shapes):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(shapes, root)
+    index = _index(root)
+    broken = index.records[0]
+    Path(broken.path).write_bytes(b"not a png")
+    loader = Loader(index, 24, seed=0, prefetch=0)  # one batch an epoch: every batch holds the image
+    for _ in range(2):
+        with pytest.raises(BatchLoadError) as err:
+            loader.next()
+        assert broken.image_id in err.value.image_ids
+    assert 0 not in loader.cache
 
 
 def test_batches_carry_ids_and_are_deterministic(shapes):

@@ -53,3 +53,17 @@ def test_local_weights_load_and_mismatched_heads_stay_random(tmp_path):
     torch.save({"something": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="none of its tensors fit"):
         load_weights(target, tmp_path / "foreign.pt")
+
+
+def test_tiny_has_a_stride_4_level_with_small_anchors():
+    """The demo's objects go down to ~10 px: `tiny` needs the stride-4 map, a 12 px anchor on it, and RoIs
+    pooled from it."""
+    model = build_model(load_config("demo").model, num_classes=3)
+    model.eval()
+    with torch.no_grad():
+        maps = model.backbone(torch.zeros(1, 3, 128, 128))
+    assert {name: tuple(m.shape[-2:]) for name, m in maps.items()} == {
+        "0": (32, 32), "1": (16, 16), "2": (8, 8), "3": (4, 4), "pool": (2, 2)}
+    assert model.rpn.anchor_generator.sizes == ((12,), (24,), (48,), (96,), (192,))
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [3] * 5
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]

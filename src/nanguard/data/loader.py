@@ -1,11 +1,12 @@
 """A deterministic, replayable batch loader (framework-free: both backends use it).
 
 The order of epoch `e` is a permutation drawn from `rng([seed, e])`; augmentation of image `i` in epoch
-`e` from `rng([seed, e, i])`. So a batch is a pure function of (seed, epoch, position, quarantine at the
-start of the epoch), which is what makes three things possible:
-- exact resume: the cursor goes into the checkpoint, and a resumed run sees exactly the batches it
-  would have seen;
-- replay: `BatchSampler.keys_at(epoch, position)` rebuilds any past batch for diagnosis;
+`e` from `rng([seed, e, i])`. So a batch is a pure function of (seed, epoch, position, the quarantines
+made before the epoch began), which is what makes three things possible:
+- exact resume: the cursor and the quarantine history go into the checkpoint, and a resumed run sees
+  exactly the batches it would have seen;
+- replay: `BatchSampler.keys_at(epoch, position)` rebuilds any past batch for diagnosis (the sampler
+  keeps the history of quarantines, so later ones do not change earlier epochs);
 - skipping a window after a rollback: `skip(n)` moves the cursor on without loading anything.
 Quarantined samples leave the order from the next epoch on (never mid-epoch, so positions stay stable).
 """
@@ -13,8 +14,9 @@ Quarantined samples leave the order from the next epoch on (never mid-epoch, so 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,10 @@ class BatchKey:
     position: int  # batch number within the epoch
     indices: tuple[int, ...]  # record indices in CocoIndex
 
+    def to_dict(self) -> dict[str, int]:
+        """Where the batch sits, as plain data for an incident line (its image ids travel with the batch)."""
+        return {"epoch": self.epoch, "position": self.position}
+
 
 @dataclass
 class Batch:
@@ -38,7 +44,6 @@ class Batch:
     labels: list[np.ndarray]  # each [N] int64, 1..K
     image_ids: tuple
     annotation_ids: tuple  # one tuple per image
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class BatchLoadError(Exception):
@@ -50,19 +55,33 @@ class BatchLoadError(Exception):
 
 
 class BatchSampler:
-    """Deterministic batches over `n` records; the cursor and quarantine are its whole state."""
+    """Deterministic batches over `n` records; the cursor and the quarantine history are its whole state.
+
+    The history is a list of (effective_epoch, record indices): a quarantine takes effect from the epoch
+    after the one the cursor is in, and the samples excluded from epoch `e` are those of every entry
+    with effective_epoch <= e. So the order of any past epoch can be rebuilt exactly, however much has
+    been quarantined since.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.epoch, self.position = 0, 0
-        self.quarantined: set[int] = set()  # record indices, effective from the next epoch
-        self._excluded: dict[int, frozenset[int]] = {0: frozenset()}  # epoch -> excluded at its start
+        self._history: list[tuple[int, frozenset[int]]] = []  # (effective_epoch, indices), in call order
         self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def quarantined(self) -> set[int]:
+        """Every quarantined record index, effective now or from a later epoch."""
+        return {i for _, indices in self._history for i in indices}
+
+    def excluded(self, epoch: int) -> frozenset[int]:
+        """The record indices left out of `epoch`'s order."""
+        return frozenset(i for effective, indices in self._history if effective <= epoch for i in indices)
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            excluded = self._excluded.get(epoch, frozenset(self.quarantined))
+            excluded = self.excluded(epoch)
             if excluded:
                 perm = perm[~np.isin(perm, np.fromiter(excluded, dtype=np.int64))]
             self._orders = {epoch: perm}  # keep one epoch cached: this runs for millions of steps
@@ -73,6 +92,7 @@ class BatchSampler:
         return max(1, len(self.order(epoch)) // self.batch_size)
 
     def keys_at(self, epoch: int, position: int) -> BatchKey:
+        """The key of batch `position` of `epoch`: for a past batch, exactly the key `next_key` gave."""
         order = self.order(epoch)
         chunk = order[position * self.batch_size:(position + 1) * self.batch_size]
         return BatchKey(epoch, position, tuple(int(i) for i in chunk))
@@ -88,31 +108,49 @@ class BatchSampler:
         """Move the cursor past `batches` batches without loading them (the window after a rollback)."""
         self._advance(batches)
 
+    def rewind(self, epoch: int, position: int) -> None:
+        """Put the cursor back to a key it handed out (the loader drops batches it prefetched). Orders
+        stay as they were: a quarantine made meanwhile still starts after the epoch the cursor had
+        reached, so batches handed out again come out the same."""
+        self.epoch, self.position = epoch, position
+
     def _advance(self, batches: int) -> None:
         for _ in range(batches):
             self.position += 1
             if self.position >= self.batches_in_epoch(self.epoch):
                 self.epoch += 1
                 self.position = 0
-                self._excluded[self.epoch] = frozenset(self.quarantined)
-                # the loader may step the cursor back one epoch (prefetched batches dropped): keep two
-                self._excluded = {e: x for e, x in self._excluded.items() if e >= self.epoch - 1}
 
     def quarantine(self, indices: list[int] | set[int]) -> None:
-        self.quarantined.update(int(i) for i in indices)
+        """Exclude these record indices from the epoch after the cursor's on."""
+        effective = self.epoch + 1
+        new = frozenset(int(i) for i in indices) - self.excluded(effective)
+        if not new:
+            return
+        if self._history and self._history[-1][0] == effective:
+            new |= self._history.pop()[1]
+        self._history.append((effective, new))
+        self._orders = {}  # a cached order of a later epoch may be one this changes
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "quarantine_history": [[effective, sorted(indices)] for effective, indices in self._history],
+            # the format before the history, still written so that older readers resume the same
             "quarantined": sorted(self.quarantined),
-            "excluded_this_epoch": sorted(self._excluded.get(self.epoch, frozenset())),
+            "excluded_this_epoch": sorted(self.excluded(self.epoch)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.quarantined = {int(i) for i in state["quarantined"]}
-        self._excluded = {self.epoch: frozenset(int(i) for i in state["excluded_this_epoch"])}
+        if "quarantine_history" in state:
+            self._history = [(int(effective), frozenset(int(i) for i in indices))
+                             for effective, indices in state["quarantine_history"]]
+        else:  # an older checkpoint: what this epoch excluded, and the rest from the next; no history
+            current = frozenset(int(i) for i in state["excluded_this_epoch"])
+            later = frozenset(int(i) for i in state["quarantined"]) - current
+            self._history = [(e, x) for e, x in ((self.epoch, current), (self.epoch + 1, later)) if x]
         self._orders = {}
 
 
@@ -122,12 +160,49 @@ def load_image(path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def load_batch(index: CocoIndex, key: BatchKey, *, seed: int, hflip: bool) -> Batch:
-    """Decode and augment the images of one batch; deterministic in (seed, epoch, index)."""
+class ImageCache:
+    """Decoded images kept in memory up to `max_bytes`, filled lazily (the first epoch decodes as before).
+
+    The arrays are read-only: a batch hands out views of them, and an in-place write (a fault injected
+    into a numpy image, say) must fail loudly rather than change every later epoch. A file that cannot be
+    decoded is never cached, so it raises again each time it is drawn. Thread-safe: the prefetch thread
+    fills it while `Loader.replay` may read it.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self.bytes = 0
+        self._images: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def get(self, index: int, path) -> np.ndarray:
+        """The decoded image of record `index` (from memory, or decoded from `path` now)."""
+        image = self._images.get(index)
+        if image is not None:
+            return image
+        image = load_image(path)
+        if self.bytes + image.nbytes <= self.max_bytes:
+            image.flags.writeable = False
+            with self._lock:
+                if index not in self._images:
+                    self._images[index] = image
+                    self.bytes += image.nbytes
+        return image
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._images
+
+
+def load_batch(index: CocoIndex, key: BatchKey, *, seed: int, hflip: bool, cache: ImageCache | None = None) -> Batch:
+    """Decode (or take from `cache`) and augment the images of one batch; deterministic in
+    (seed, epoch, index) whether an image came from the cache or the file."""
     images, boxes, labels = [], [], []
     for i in key.indices:
         record = index.records[i]
-        image = load_image(record.path)
+        image = cache.get(i, record.path) if cache is not None else load_image(record.path)
         record_boxes = record.boxes.copy()
         if hflip and np.random.default_rng([seed, key.epoch, i]).random() < 0.5:
             image = image[:, ::-1]
@@ -141,12 +216,19 @@ def load_batch(index: CocoIndex, key: BatchKey, *, seed: int, hflip: bool) -> Ba
                  tuple(r.image_id for r in records), tuple(r.annotation_ids for r in records))
 
 
+# 1 GiB: the generated demo set (2,000 images of 128 px) is ~100 MB; COCO's 118k train images
+# (~0.9 MB each decoded) would keep only their first ~1,100 and decode the rest every time, as before
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
 class Loader:
-    """Batches in sampler order, decoded `prefetch` batches ahead in a thread."""
+    """Batches in sampler order, decoded `prefetch` batches ahead in a thread; decoded images are kept
+    in memory up to `cache_bytes` (0: decode every time)."""
 
     def __init__(self, index: CocoIndex, batch_size: int, *, seed: int, hflip: bool = True,
-                 prefetch: int = 2) -> None:
+                 prefetch: int = 2, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.index, self.seed, self.hflip = index, seed, hflip
+        self.cache = ImageCache(cache_bytes) if cache_bytes > 0 else None
         self.sampler = BatchSampler(len(index), batch_size, seed)
         self.prefetch = max(0, prefetch)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nanguard-loader") \
@@ -155,7 +237,7 @@ class Loader:
 
     def _load(self, key: BatchKey) -> Batch:
         try:
-            return load_batch(self.index, key, seed=self.seed, hflip=self.hflip)
+            return load_batch(self.index, key, seed=self.seed, hflip=self.hflip, cache=self.cache)
         except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for missing or broken files
             raise BatchLoadError(key, tuple(self.index.records[i].image_id for i in key.indices), exc) from exc
 
@@ -180,8 +262,7 @@ class Loader:
             for _, future in self._queue:
                 future.cancel()
             self._queue.clear()
-            self.sampler.epoch, self.sampler.position = first.epoch, first.position
-            self.sampler._excluded.setdefault(first.epoch, frozenset(self.sampler.quarantined))
+            self.sampler.rewind(first.epoch, first.position)
 
     def skip(self, batches: int) -> None:
         self._drop_prefetched()

@@ -2,8 +2,11 @@
 
     model = build_model(cfg.model, num_classes=3)   # K foreground classes; background is added
 
-- `tiny`: mobilenet_v3_large features with trainable BatchNorm, a 64-channel FPN on 4 levels
-  (strides 8, 16, 32 and a max-pool level), a 256-wide box head, few proposals: the CPU default.
+- `tiny`: mobilenet_v3_large features with trainable BatchNorm, a 64-channel FPN on 5 levels (strides
+  4, 8, 16, 32 and a max-pool level at 64), one anchor size per level (12 to 192 px, ratios 0.5, 1, 2),
+  RoIAlign over the four conv levels, a 256-wide box head, few proposals: the CPU default. The stride-4
+  level is what finds the ~10 px objects of the generated shapes: at stride 8 a 12 px anchor has no
+  feature of its own.
 - `mobilenet_v3_fpn`, `resnet50_fpn`: torchvision's architectures and state_dict names (for a GPU), so
   `model.weights=` can point at torchvision's own checkpoints.
 
@@ -66,15 +69,21 @@ class SafeBoxCoder(det_utils.BoxCoder):
 
 
 def _tiny_backbone(channels: int, trainable_bn: bool) -> BackboneWithFPN:
+    """mobilenet_v3_large features -> FPN maps "0".."3" at strides 4, 8, 16, 32 (`channels` wide each)
+    and "pool" at stride 64."""
     norm = nn.BatchNorm2d if trainable_bn else None
     features = mobilenet_v3_large(weights=None, norm_layer=norm).features
-    # Stage outputs at strides 8, 16 and 32 (block indices 6, 12 and the last conv), plus a max-pool
-    # level: 4 FPN levels for objects from ~10 px to the whole image.
+    # The last block of each stage, i.e. the block before the next strided one: indices 3 (stride 4,
+    # 24 ch), 6 (stride 8, 40 ch), 12 (stride 16, 112 ch) and the last conv (stride 32, 960 ch).
     strided = [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)]
-    returned = [strided[1], strided[2], len(features) - 1]
+    returned = [strided[1] - 1, strided[2] - 1, strided[3] - 1, len(features) - 1]
     return_layers = {str(i): str(k) for k, i in enumerate(returned)}
     in_channels = [features[i].out_channels for i in returned]
     return BackboneWithFPN(features, return_layers, in_channels, channels, extra_blocks=LastLevelMaxPool())
+
+
+# One anchor size per FPN level of `tiny` ("0".."3", "pool"): the generated shapes are 10 to ~80 px.
+TINY_ANCHOR_SIZES = ((12,), (24,), (48,), (96,), (192,))
 
 
 def _torchvision_mobilenet_backbone(trainable_bn: bool) -> BackboneWithFPN:
@@ -103,8 +112,10 @@ def build_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
     )
     if cfg.name == "tiny":
         backbone = _tiny_backbone(cfg.fpn_channels, cfg.trainable_bn)
-        anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,)), aspect_ratios=((0.5, 1.0, 2.0),) * 4)
-        roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
+        anchors = AnchorGenerator(sizes=TINY_ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * len(TINY_ANCHOR_SIZES))
+        # torchvision's LevelMapper pools a box from level floor(4 + log2(sqrt(area) / 224)), clamped to
+        # the maps given: every box under 112 px (all of the generated shapes) from the stride-4 map
+        roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
         head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.representation_size)
         predictor = FastRCNNPredictor(cfg.representation_size, num_classes + 1)
         common.pop("num_classes")
