@@ -241,11 +241,6 @@ def test_an_image_that_always_fails_is_quarantined_and_leaves_the_batches(quaran
     assert_weights_finite(run)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a quarantine decided in the last 1 + data.prefetch steps of an epoch misses the next epoch: the "
-    "sampler freezes the next epoch's exclusions when its cursor (one observation late, data.prefetch "
-    "batches ahead) crosses the epoch boundary, before the decision arrives; the image is trained on, "
-    "and fails, once more"))
 def test_a_quarantine_decided_at_the_end_of_an_epoch_holds_from_the_next_epoch(quarantine_runs):
     # image 1 sits at position 2 of epochs 0 and 1: its quarantine is decided in the epoch's last step
     run = quarantine_runs(1)
@@ -255,11 +250,6 @@ def test_a_quarantine_decided_at_the_end_of_an_epoch_holds_from_the_next_epoch(q
     assert [r["step"] for r in mine if r["step"] >= first_epoch_after_the_decision(quarantined_at)] == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "which batches a run trains on depends on data.prefetch, a performance setting: with the default "
-    "data.prefetch=2 the sampler has already frozen the next epoch's exclusions when image 4's "
-    "quarantine is decided (while running step 5 of the epoch of steps 4-7), so it is trained on, and "
-    "fails, again at step 11; with data.prefetch=1 it is not"))
 def test_quarantine_does_not_depend_on_data_prefetch(quarantine_runs):
     def seen(run):
         return [(r["step"], r["image_ids"], r["action"]) for r in jsonl(run / "incidents.jsonl")]
@@ -299,9 +289,6 @@ def test_an_unreadable_image_is_an_incident_not_a_crash(unreadable_run):
     assert_weights_finite(run)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an incident for an undecodable batch has annotation_ids [] instead of one tuple per image: "
-    "BatchLoadError carries only the image ids, although the index knows the annotations"))
 def test_an_unreadable_image_incident_names_its_annotations(unreadable_run):
     for record in incidents_with(unreadable_run, 4):
         assert len(record["annotation_ids"]) == len(record["image_ids"])
@@ -328,9 +315,11 @@ def test_fp16_end_to_end_on_the_cpu_and_an_overflow_only_backs_off_the_scale(sma
     assert [r["step"] for r in metrics] == list(range(5))
     scales = [r["loss_scale"] for r in metrics]  # every fp16 line carries the scale (after its step)
     assert all(isinstance(s, float) and math.isfinite(s) and s > 0 for s in scales)
-    # the overflowing step is masked and halves the scale; the scale stays lower afterwards
-    assert [r["applied"] for r in metrics] == [True, True, False, True, True]
+    # the overflowing step is masked and halves the scale; the scale stays lower afterwards (the first
+    # steps may overflow at the initial 65536 too: the scaler's ordinary calibration, masked as well)
+    assert metrics[2]["applied"] is False and metrics[3]["applied"] and metrics[4]["applied"]
     assert scales[2] == scales[1] / 2 and scales[4] < scales[1]
+    assert all(r["applied"] or r["loss_scale"] < (scales[i - 1] if i else 65536.0) for i, r in enumerate(metrics))
     assert all(math.isfinite(r["total_loss"]) for r in metrics)
     # a mere overflow is the scaler's business: no incident, no skip counted against the budget
     result = final(run)

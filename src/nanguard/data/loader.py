@@ -49,9 +49,9 @@ class Batch:
 class BatchLoadError(Exception):
     """A batch could not be decoded; carries its key (so the incident names the images) and the cause."""
 
-    def __init__(self, key: BatchKey, image_ids: tuple, cause: BaseException) -> None:
+    def __init__(self, key: BatchKey, image_ids: tuple, cause: BaseException, annotation_ids: tuple = ()) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
-        self.key, self.image_ids, self.cause = key, image_ids, cause
+        self.key, self.image_ids, self.cause, self.annotation_ids = key, image_ids, cause, annotation_ids
 
 
 class BatchSampler:
@@ -121,9 +121,9 @@ class BatchSampler:
                 self.epoch += 1
                 self.position = 0
 
-    def quarantine(self, indices: list[int] | set[int]) -> None:
-        """Exclude these record indices from the epoch after the cursor's on."""
-        effective = self.epoch + 1
+    def quarantine(self, indices: list[int] | set[int], effective: int | None = None) -> None:
+        """Exclude these record indices from epoch `effective` on (default: the one after the cursor's)."""
+        effective = self.epoch + 1 if effective is None else effective
         new = frozenset(int(i) for i in indices) - self.excluded(effective)
         if not new:
             return
@@ -230,6 +230,7 @@ class Loader:
         self.index, self.seed, self.hflip = index, seed, hflip
         self.cache = ImageCache(cache_bytes) if cache_bytes > 0 else None
         self.sampler = BatchSampler(len(index), batch_size, seed)
+        self.consumed_epoch = 0  # the epoch of the last batch handed out
         self.prefetch = max(0, prefetch)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nanguard-loader") \
             if self.prefetch else None
@@ -239,17 +240,22 @@ class Loader:
         try:
             return load_batch(self.index, key, seed=self.seed, hflip=self.hflip, cache=self.cache)
         except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for missing or broken files
-            raise BatchLoadError(key, tuple(self.index.records[i].image_id for i in key.indices), exc) from exc
+            records = [self.index.records[i] for i in key.indices]
+            raise BatchLoadError(key, tuple(r.image_id for r in records), exc,
+                                 tuple(r.annotation_ids for r in records)) from exc
 
     def next(self) -> Batch:
         """The next batch. Raises `BatchLoadError` for an undecodable one (the trainer records it as an
         incident and goes on with the next)."""
         if self._pool is None:
-            return self._load(self.sampler.next_key())
+            key = self.sampler.next_key()
+            self.consumed_epoch = key.epoch
+            return self._load(key)
         while len(self._queue) <= self.prefetch:
             key = self.sampler.next_key()
             self._queue.append((key, self._pool.submit(self._load, key)))
-        _, future = self._queue.popleft()
+        key, future = self._queue.popleft()
+        self.consumed_epoch = key.epoch
         return future.result()
 
     def replay(self, key: BatchKey) -> Batch:
@@ -269,19 +275,25 @@ class Loader:
         self.sampler.skip(batches)
 
     def quarantine(self, image_ids) -> list[int]:
-        """Exclude these images from the next epoch on; returns the record indices."""
+        """Exclude these images from the epoch after the one the last batch handed out belongs to;
+        returns the record indices. The consumer's epoch, not the prefetcher's: which batches a run sees
+        must not depend on data.prefetch (batches prefetched into that epoch are drawn again)."""
         wanted = set(image_ids)
         found = [i for i, r in enumerate(self.index.records) if r.image_id in wanted]
-        self.sampler.quarantine(found)
+        effective = self.consumed_epoch + 1
+        self.sampler.quarantine(found, effective)
+        if any(key.epoch >= effective for key, _ in self._queue):
+            self._drop_prefetched()
         return found
 
     def state_dict(self) -> dict[str, Any]:
         self._drop_prefetched()  # the state is where the consumer is, not where the prefetcher got to
-        return self.sampler.state_dict()
+        return {**self.sampler.state_dict(), "consumed_epoch": self.consumed_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._drop_prefetched()
         self.sampler.load_state_dict(state)
+        self.consumed_epoch = int(state.get("consumed_epoch", self.sampler.epoch))
 
     def close(self) -> None:
         if self._pool is not None:

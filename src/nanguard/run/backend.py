@@ -41,7 +41,8 @@ class Backend(Protocol):
         """One step on a host batch (faults of the plan applied). Returns the outcomes read during it
         (a guard reads the previous step's; a plain step only every train.log_every steps)."""
 
-    def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple) -> list[Outcome]:
+    def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple,
+                   annotation_ids: tuple) -> list[Outcome]:
         """The batch could not be read: a `model_error` incident (a plain step re-raises)."""
 
     def flush(self) -> list[Outcome]:

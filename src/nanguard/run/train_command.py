@@ -13,8 +13,9 @@ from nanguard.errors import UserError
 from nanguard.fileio import dumps
 
 # Keys that a resumed run cannot change: they define the model, the data or the state's layout.
-RESUME_FIXED = ("backend", "seed", "model.", "data.root", "data.train_", "data.val_", "data.synth_", "data.cache",
-                "data.audit", "data.hflip", "train.batch_size", "train.optimizer", "train.fused", "train.amp")
+RESUME_FIXED = frozenset({"backend", "seed", "data.root", "data.cache", "data.audit", "data.hflip", "train.batch_size",
+                          "train.optimizer", "train.fused", "train.amp"})
+RESUME_FIXED_PREFIXES = ("model.", "data.train_", "data.val_", "data.synth_")
 
 
 def run(args) -> int:
@@ -76,7 +77,8 @@ def _resume_overrides(saved: Config, overrides: list[str]) -> Config:
     for override in overrides:
         key = override.split("=", 1)[0].strip()
         cfg = apply_override(cfg, override)
-        if key.startswith(RESUME_FIXED) and _get(cfg, key) != _get(saved, key):
+        fixed = key in RESUME_FIXED or key.startswith(RESUME_FIXED_PREFIXES)
+        if fixed and _get(cfg, key) != _get(saved, key):
             raise UserError(f"--resume: {key} cannot change in a resumed run (the checkpoint was built with "
                             f"{_get(saved, key)!r}); start a new run with --out, or drop {key}=")
     return cfg

@@ -93,7 +93,7 @@ def train(cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, q
     plan = FaultPlan(cfg.inject, seed=cfg.seed)
     plan.check(amp=cfg.train.amp)
     loader = Loader(train_index, cfg.train.batch_size, seed=cfg.seed, hflip=cfg.data.hflip,
-                    prefetch=cfg.data.prefetch)
+                    prefetch=cfg.data.prefetch, cache_bytes=cfg.data.cache_mb << 20)
     counters = Counters()
     checkpoints = Checkpoints(folder.path, backend, keep=cfg.train.keep_checkpoints)
     # The checkpoint's contents, declared once: save and load both loop over these parts.
@@ -139,7 +139,8 @@ def train(cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, q
                     batch = loader.next()
                 except BatchLoadError as err:  # an unreadable image: an incident, not the end of the run
                     metrics.ran(step, 0)
-                    handle(backend.skip_batch(err.cause, (err.key.epoch, err.key.position), err.image_ids))
+                    handle(backend.skip_batch(err.cause, (err.key.epoch, err.key.position), err.image_ids,
+                                              err.annotation_ids))
                 else:
                     outcomes = backend.train_step(batch)
                     metrics.ran(step, len(batch.images))

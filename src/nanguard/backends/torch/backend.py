@@ -104,11 +104,12 @@ class TorchBackend:
         hooks = TorchFaults(self.faults, self.stepper.steps_run, self.injections) if self.faults else NO_HOOKS
         return train_step(self.model, self.stepper, batch, device=self.device, amp=self.cfg.train.amp, hooks=hooks)
 
-    def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple) -> list[Outcome]:
+    def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple,
+                   annotation_ids: tuple) -> list[Outcome]:
         if isinstance(self.stepper, PlainStep):  # unguarded, a batch that cannot be read ends the run
             raise UserError(f"image(s) {', '.join(map(str, image_ids))}: cannot be read ({error}); with "
                             "guard.enabled=false the run stops here: run `nanguard audit` on the split") from None
-        return self.stepper.skip_batch(error, image_ids=image_ids, batch=batch_key)
+        return self.stepper.skip_batch(error, image_ids=image_ids, annotation_ids=annotation_ids, batch=batch_key)
 
     def flush(self) -> list[Outcome]:
         return self.stepper.flush()
