@@ -8,6 +8,7 @@ half of one. JSON is written with allow_nan=False; `json_safe` turns non-finite 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,6 +16,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from nanguard.errors import UserError
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -30,23 +33,54 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_failure_reason(exc: BaseException) -> str | None:
+    """A short cause for a failed write ("no space left on device"), or None when `exc` is not an I/O
+    failure. torch.save reports a full disk as a RuntimeError ("... unexpected pos ...") from its zip
+    writer, not as an OSError."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "no space left on device"
+        if exc.errno == errno.EDQUOT:
+            return "disk quota exceeded"
+        if exc.errno == errno.EROFS:
+            return "read-only file system"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied"
+        if exc.strerror:
+            return exc.strerror.lower()
+        return exc.__class__.__name__
+    if isinstance(exc, RuntimeError):
+        text = str(exc)
+        if any(marker in text for marker in ("unexpected pos", "file write failed", "PytorchStreamWriter failed")):
+            return "the write failed part-way (disk full?)"
+    return None
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call `write(fileobj)` on a temp file next to `path`, fsync it, and rename it over `path`."""
+    """Call `write(fileobj)` on a temp file next to `path`, fsync it, and rename it over `path`.
+
+    An I/O failure (a full disk, a read-only folder, no permission) raises `UserError` naming the path
+    and the cause; the temp file is removed and a previous file at `path` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        reason = write_failure_reason(exc)
+        if reason is None:
+            raise
+        raise UserError(f"{path}: cannot write it ({reason}); free space or pick a writable folder") from None
     _fsync_dir(path.parent)
     return path
 
