@@ -9,12 +9,13 @@ killed mid-write leaves the previous checkpoints intact and no torn file under a
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanguard.backends.torch.model import read_tensor_file
+from nanguard.backends.torch.model import tensor_file_problem
 from nanguard.errors import UserError
 from nanguard.fileio import atomic_write
 
@@ -32,7 +33,8 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints of a run, oldest first (temp files are ignored)."""
+    """(step, path) of the complete checkpoints of a run, oldest first (temp files and files set aside
+    as `*.pt.damaged` are ignored)."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
@@ -52,14 +54,57 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    state = read_tensor_file(Path(path), "the checkpoint path")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file; pass a run folder or checkpoints/step_*.pt")
+    state, problem = _read(path)
+    if problem is not None:
+        raise UserError(f"{path}: {problem}")
+    return state
+
+
+def _read(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(state, None), or (None, "what is wrong; the fix") for a file that is not a usable checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        return None, (f"not a readable checkpoint ({tensor_file_problem(exc)}); use a file written by "
+                      "`nanguard train`")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{path}: not a nanguard checkpoint (no '{FORMAT}' marker); for plain weights "
-                        "use model.weights=PATH")
+        return None, (f"not a nanguard checkpoint (no '{FORMAT}' marker); for plain weights use "
+                      "model.weights=PATH")
     missing = [key for key in REQUIRED if key not in state]
     if missing:
-        raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}; it is damaged or from another tool")
-    return state
+        return None, f"checkpoint lacks {', '.join(missing)}; it is damaged or from another tool"
+    return state, None
+
+
+def load_newest(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """(path, state) of the newest checkpoint of `run_dir` that loads.
+
+    A damaged newer checkpoint (a disk error, a copy cut short) must not block a resume or an eval while
+    an older one is intact: it is renamed aside to `step_XXXXXXXX.pt.damaged` (never deleted: it may be
+    the only copy someone wants to inspect), one line on stderr says so, and the next older one is
+    tried. `UserError` when there is none, or none loads."""
+    run_dir = Path(run_dir)
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"{run_dir}: no checkpoints/step_*.pt; not a run folder, or the run saved none yet")
+    first_problem = None
+    for _, path in reversed(found):
+        state, problem = _read(path)
+        if problem is None:
+            return path, state
+        first_problem = first_problem or f"{path.name}: {problem.split(';')[0]}"
+        aside = path.with_name(path.name + ".damaged")
+        try:
+            path.rename(aside)
+            where = f"renamed to {aside.name}"
+        except OSError as exc:
+            where = f"left in place (cannot rename: {(exc.strerror or exc.__class__.__name__).lower()})"
+        print(f"nanguard: warning: {path}: {problem.split(';')[0]}; {where}; trying the one before", file=sys.stderr)
+    raise UserError(f"{checkpoint_dir(run_dir)}: none of its {len(found)} checkpoint(s) loads ({first_problem}); "
+                    "start a new run")
 
 
 def rng_state() -> dict[str, Any]:
