@@ -1,0 +1,265 @@
+"""Hostile inputs found by review: each must end in exit 2 with one line naming the file / key and the
+fix, or be handled (a damaged newest checkpoint, an image the model cannot take), never a traceback and
+never a silently ignored setting. In process: `nanguard.cli.main([...])` and capsys."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, tiny_args
+from nanguard.cli import main
+
+# eval on the tiny run: the model's own sizes, few proposals
+EVAL = ["--quiet", "eval.batch_size=8"]
+
+
+def one_line_error(capsys, code: int, *needles: str) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes) -> Path:
+    """A 2-step run with checkpoints after steps 1 and 2 (no final eval)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    code = main(["train", "--quiet", "--out", str(out), "--steps", "2", *tiny_args(shapes), "train.steps=2",
+                 "train.checkpoint_every=1", "train.eval_at_end=false"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+# -- 1. --detections never overwrites a file nanguard did not write ------------------------------------
+
+
+def test_detections_refuses_to_overwrite_the_annotation_file(run_copy, shapes, tmp_path, capsys):
+    ann = tmp_path / "val.json"
+    shutil.copy(shapes / "annotations" / "instances_val.json", ann)
+    before = ann.read_bytes()
+    code = main(["eval", str(run_copy), *EVAL, f"data.val_ann={ann}", f"data.val_images={shapes / 'val'}",
+                 "--detections", str(ann)])
+    one_line_error(capsys, code, str(ann), "exists", "another path")
+    assert ann.read_bytes() == before
+    other = tmp_path / "mine.txt"
+    other.write_text("keep me")
+    one_line_error(capsys, main(["eval", str(run_copy), *EVAL, "--detections", str(other)]), "mine.txt")
+    assert other.read_text() == "keep me"
+
+
+def test_detections_to_a_new_file(run_copy, tmp_path, capsys):
+    out = tmp_path / "dets.json"
+    assert main(["eval", str(run_copy), *EVAL, "--json", "--detections", str(out)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert isinstance(json.loads(out.read_text()), list) and metrics["step"] == 2
+
+
+# -- 2. data.* overrides on eval take effect or are refused --------------------------------------------
+
+
+def _other_split(shapes: Path, tmp_path: Path, keep: int) -> tuple[Path, Path]:
+    """A copy of the validation annotations holding only its first `keep` images."""
+    doc = json.loads((shapes / "annotations" / "instances_val.json").read_text())
+    doc["images"] = doc["images"][:keep]
+    ids = {image["id"] for image in doc["images"]}
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in ids]
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(doc))
+    return path, shapes / "val"
+
+
+def test_eval_val_ann_override_takes_effect_on_a_data_root_run(run_copy, shapes, tmp_path, capsys):
+    ann, images = _other_split(shapes, tmp_path, keep=3)
+    assert main(["eval", str(run_copy), *EVAL, "--json", f"data.val_ann={ann}", f"data.val_images={images}"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 3 and metrics["val_ann"] == str(ann)
+    assert json.loads((run_copy / "eval.json").read_text())["val_ann"] == str(ann)
+
+
+def test_eval_data_root_override_takes_effect(run_copy, shapes, tmp_path, capsys):
+    root = tmp_path / "moved"
+    shutil.copytree(shapes, root)
+    assert main(["eval", str(run_copy), *EVAL, "--json", f"data.root={root}"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_ann"] == str(root / "annotations" / "instances_val.json")
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["data.val_ann=X.json"], ["data.val_ann without data.val_images"]),
+    (["data.val_images=/tmp"], ["data.val_images without data.val_ann"]),
+    (["data.root=ROOT", "data.val_ann=X.json", "data.val_images=/tmp"], ["data.root and data.val_ann"]),
+    (["data.train_ann=X.json"], ["data.train_ann", "no effect on eval"]),
+    (["data.train_images=/tmp"], ["data.train_images", "no effect on eval"]),
+    (["data.audit=off"], ["data.audit", "no effect on eval"]),
+    (["data.hflip=false"], ["data.hflip"]),
+    (["data.prefetch=4"], ["data.prefetch"]),
+    (["data.synth_seed=3"], ["data.synth_seed", "nanguard synth"]),
+    (["data.synth_images=10"], ["data.synth_images"]),
+    (["data.cache=/tmp/c"], ["data.cache", "generated dataset"]),
+    (["data.root=/no/such/folder"], ["data.root=/no/such/folder", "no such folder"]),
+    (["data.root=null"], ["data.root=null"]),
+    (["data.val_ann=/no/such.json", "data.val_images=/tmp"], ["/no/such.json"]),
+    (["data.roots=x"], ["data.roots", "data.root"]),
+    (["data={}"], ["data.* keys one by one"]),
+])
+def test_eval_data_overrides_that_cannot_take_effect_are_refused(run_copy, shapes, overrides, needles, capsys):
+    overrides = [o.replace("ROOT", str(shapes)) for o in overrides]
+    one_line_error(capsys, main(["eval", str(run_copy), *EVAL, *overrides]), *needles)
+    assert not (run_copy / "eval.json").exists()
+
+
+def test_eval_truncated_val_ann_is_one_line(run_copy, shapes, tmp_path, capsys):
+    bad = tmp_path / "other.json"
+    bad.write_text((shapes / "annotations" / "instances_val.json").read_text()[:200])
+    code = main(["eval", str(run_copy), *EVAL, f"data.val_ann={bad}", f"data.val_images={shapes / 'val'}"])
+    one_line_error(capsys, code, str(bad), "JSON")
+
+
+# -- 3. eval on a run folder that cannot take eval.json -------------------------------------------------
+
+
+def _fail_writes_under(monkeypatch, folder: Path, err: int) -> None:
+    import tempfile
+
+    import nanguard.fileio as fileio
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == folder.resolve():
+            raise OSError(err, "simulated")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp)
+
+
+def test_eval_prints_metrics_when_eval_json_cannot_be_written(run_copy, monkeypatch, capsys):
+    _fail_writes_under(monkeypatch, run_copy, errno.EROFS)  # root ignores chmod: fail the write itself
+    code = main(["eval", str(run_copy), *EVAL, "--json"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert json.loads(captured.out)["step"] == 2  # the numbers were not thrown away
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(run_copy / "eval.json") in lines[0] and "read-only" in lines[0], captured.err
+    assert not (run_copy / "eval.json").exists()
+    assert not list(run_copy.glob(".eval.json.*"))
+
+
+# -- 4. a damaged newest checkpoint falls back to the newest intact one ---------------------------------
+
+
+def test_eval_falls_back_from_a_damaged_newest_checkpoint(run_copy, capsys):
+    from nanguard.backends.torch.checkpoint import list_checkpoints, load_newest
+
+    newest = run_copy / "checkpoints" / "step_00000002.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert main(["eval", str(run_copy), *EVAL, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["step"] == 1
+    warnings = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "step_00000002.pt" in warnings[0] and "truncated" in warnings[0]
+    assert (run_copy / "checkpoints" / "step_00000002.pt.damaged").exists()  # set aside, never deleted
+    assert [step for step, _ in list_checkpoints(run_copy)] == [1]
+    path, state = load_newest(run_copy)
+    assert path.name == "step_00000001.pt" and state["step"] == 1
+
+
+def test_no_loadable_checkpoint_is_one_clean_line(run_copy, capsys):
+    for path in (run_copy / "checkpoints").glob("step_*.pt"):
+        path.write_bytes(path.read_bytes()[:500])
+    code = main(["eval", str(run_copy), *EVAL])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "none of its 2 checkpoint(s) loads" in last and "truncated or not a torch file" in last
+    assert "central directory" not in err  # torch's own text, cut mid-word, no more
+
+
+def test_corrupt_checkpoint_message_is_whole(tmp_path, capsys):
+    bad = tmp_path / "step_00000003.pt"
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    line = one_line_error(capsys, main(["eval", str(bad)]), str(bad), "truncated or not a torch file")
+    assert "PytorchStreamReader" not in line
+
+
+# -- 5. I/O errors while writing: a UserError, no temp file, the old file intact ------------------------
+
+
+def test_atomic_write_turns_enospc_into_a_user_error(tmp_path):
+    from nanguard.errors import UserError
+    from nanguard.fileio import atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "a.json", "old")
+
+    def full_disk(handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match="no space left on device") as err:
+        atomic_write(target, full_disk)
+    assert str(target) in str(err.value)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_save_checkpoint_on_a_full_disk(tmp_path, monkeypatch):
+    import torch
+
+    from nanguard.backends.torch import checkpoint as ckpt
+    from nanguard.errors import UserError
+
+    state = {"step": 4, "model": {"w": torch.zeros(2)}}
+    first = ckpt.save_checkpoint(tmp_path, state, keep=3)
+    before = first.read_bytes()
+
+    def torch_save_on_full_disk(obj, handle):
+        handle.write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed ... unexpected pos 1024 vs 960")
+
+    monkeypatch.setattr(ckpt.torch, "save", torch_save_on_full_disk)
+    with pytest.raises(UserError, match="step_00000004.pt: cannot write it") as err:
+        ckpt.save_checkpoint(tmp_path, state, keep=3)
+    assert "\n" not in str(err.value) and "disk full" in str(err.value)
+    assert first.read_bytes() == before
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000004.pt"]
+
+    def permission_denied(obj, handle):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ckpt.torch, "save", permission_denied)
+    with pytest.raises(UserError, match="permission denied"):
+        ckpt.save_checkpoint(tmp_path, {**state, "step": 5}, keep=3)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000004.pt"]
+
+
+def test_read_only_folder_is_a_user_error(tmp_path, monkeypatch):
+    from nanguard.errors import UserError
+    from nanguard.fileio import atomic_write_json
+
+    _fail_writes_under(monkeypatch, tmp_path, errno.EROFS)
+    with pytest.raises(UserError, match="read-only file system"):
+        atomic_write_json(tmp_path / "x.json", {"a": 1})
+
+
+def test_a_bug_in_the_writer_is_not_hidden(tmp_path):
+    from nanguard.fileio import atomic_write
+
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(tmp_path / "x", lambda handle: 1 / 0)
+    assert list(tmp_path.iterdir()) == []
