@@ -263,3 +263,35 @@ def test_a_bug_in_the_writer_is_not_hidden(tmp_path):
     with pytest.raises(ZeroDivisionError):
         atomic_write(tmp_path / "x", lambda handle: 1 / 0)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- 9. model.weights that leave the backbone random are refused; the count is always said -------------
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    import torch
+
+    from nanguard.backends.torch.model import build_model
+    from nanguard.config import ModelConfig
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(build_model(ModelConfig(min_size=64, max_size=64), 3).state_dict(), path)
+    return path
+
+
+def test_weights_of_another_architecture_exit_2(shapes, tiny_weights, tmp_path, capsys):
+    code = main(["train", "--quiet", "--out", str(tmp_path / "r"), "--steps", "1", *tiny_args(shapes),
+                 "model.name=resnet50_fpn", f"model.weights={tiny_weights}", "train.eval_at_end=false"])
+    one_line_error(capsys, code, str(tiny_weights), "backbone tensors fit")
+
+
+def test_weights_that_fit_say_how_many_loaded(tiny_weights, capsys):
+    from nanguard.backends.torch.model import build_model
+    from nanguard.config import ModelConfig
+
+    build_model(ModelConfig(min_size=64, max_size=64, weights=str(tiny_weights)), 5)  # other class count
+    err = capsys.readouterr().err
+    assert "model.weights: loaded" in err and "left at random init" in err
+    loaded, total = (int(w) for w in err.split("loaded ")[1].split(" tensors")[0].split(" of the model's "))
+    assert 0 < total - loaded <= 4  # the classifier and box regressor for 5 classes stay random

@@ -14,6 +14,7 @@ zero-width box that slipped past the audit turns the regression target into -inf
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -133,7 +134,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local state_dict (a nanguard checkpoint or torchvision's file). Tensors whose shapes differ
-    (a classifier for another number of classes) are left at their random init."""
+    (a classifier for another number of classes) are left at their random init; how many loaded goes to
+    stderr. A file that leaves most of the backbone random (a `tiny` checkpoint for `resnet50_fpn`) is
+    refused: it would train from scratch while the user believes it starts from the weights."""
     path = Path(path)
     state = read_tensor_file(path, "model.weights")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -145,7 +148,16 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if not usable:
         raise UserError(f"{path}: none of its tensors fit model '{type(model).__name__}'; "
                         "is it a checkpoint for another architecture (model.name)?")
+    backbone = [k for k in own if k.startswith("backbone.")]
+    backbone_loaded = sum(1 for k in backbone if k in usable)
+    if backbone and backbone_loaded < len(backbone) / 2:
+        raise UserError(f"{path}: only {backbone_loaded} of the model's {len(backbone)} backbone tensors fit; "
+                        "it is a checkpoint for another model.name (or another layout): pick the matching "
+                        "model.name or other weights")
     model.load_state_dict(usable, strict=False)
+    print(f"model.weights: loaded {len(usable)} of the model's {len(own)} tensors from {path} "
+          f"({backbone_loaded} of {len(backbone)} backbone, {len(own) - len(usable)} left at random init)",
+          file=sys.stderr)
 
 
 def read_tensor_file(path: Path, what: str):
