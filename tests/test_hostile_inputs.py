@@ -295,3 +295,183 @@ def test_weights_that_fit_say_how_many_loaded(tiny_weights, capsys):
     assert "model.weights: loaded" in err and "left at random init" in err
     loaded, total = (int(w) for w in err.split("loaded ")[1].split(" tensors")[0].split(" of the model's "))
     assert 0 < total - loaded <= 4  # the classifier and box regressor for 5 classes stay random
+
+
+# -- 7 and 10. malformed records: dropped with a finding (data.audit=drop), one line (data.audit=off) -------
+
+
+def _variant(shapes: Path, tmp_path: Path, mutate) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(shapes, root)
+    path = root / "annotations" / "instances_train.json"
+    doc = json.loads(path.read_text())
+    mutate(doc)
+    path.write_text(json.dumps(doc))
+    return root
+
+
+def _category_without_id(doc):
+    doc["categories"][0].pop("id")
+
+
+def _category_with_string_id(doc):
+    doc["categories"][0]["id"] = "car"
+
+
+def _image_without_id(doc):
+    doc["images"][0].pop("id")
+
+
+def _image_with_string_width(doc):
+    doc["images"][0]["width"] = "abc"
+
+
+def _parent_path(doc):
+    doc["images"][0]["file_name"] = "../secret.png"
+
+
+def _absolute_path(doc):
+    doc["images"][0]["file_name"] = "/etc/hostname"
+
+
+MALFORMED = {
+    # mutate, the error with data.audit=off, the audit's finding
+    "category_without_id": (_category_without_id, "categories[0] has no integer id", "malformed_category"),
+    "category_with_string_id": (_category_with_string_id, "categories[0] has no integer id (got 'car')",
+                                "malformed_category"),
+    "image_without_id": (_image_without_id, "images[0] has no usable id", "malformed_image"),
+    "image_with_string_width": (_image_with_string_width, "width='abc'", "malformed_image"),
+    "file_name_with_dotdot": (_parent_path, "'../secret.png' is absolute or leaves the image folder", "unsafe_path"),
+    "absolute_file_name": (_absolute_path, "'/etc/hostname' is absolute or leaves the image folder", "unsafe_path"),
+}
+
+
+def _train(root: Path, out: Path, audit: str) -> int:
+    return main(["train", "--quiet", "--out", str(out), "--steps", "1", *tiny_args(root), f"data.audit={audit}",
+                 "train.steps=1", "train.eval_at_end=false"])
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_records(case, shapes, tmp_path, capsys):
+    mutate, off_error, check = MALFORMED[case]
+    root = _variant(shapes, tmp_path, mutate)
+    ann = root / "annotations" / "instances_train.json"
+    # data.audit=off: nothing has looked at the records; the index refuses them on one line
+    one_line_error(capsys, _train(root, tmp_path / "off", "off"), str(ann), off_error, "--fix")
+    # data.audit=drop: dropped with a finding, training runs
+    assert _train(root, tmp_path / "drop", "drop") == 0, capsys.readouterr().err
+    findings = json.loads((tmp_path / "drop" / "audit.json").read_text())["findings"]
+    assert check in {f["check"] for f in findings}
+    # nanguard audit: the finding, exit 1 (an error-level check)
+    capsys.readouterr()
+    assert main(["audit", str(ann), "--images", str(root / "train"), "--quiet", "--json", str(tmp_path / "a.json")]) == 1
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["summary"]["by_check"][check] >= 1
+
+
+def test_unsafe_file_name_is_never_opened(shapes, tmp_path, monkeypatch):
+    import nanguard.audit.images as images
+    from nanguard.audit import audit_file
+
+    root = _variant(shapes, tmp_path, _parent_path)
+    (root / "secret.png").write_bytes((root / "train" / sorted(p.name for p in (root / "train").iterdir())[0]).read_bytes())
+    opened = []
+    real = images.inspect_file
+    monkeypatch.setattr(images, "inspect_file", lambda path, decode: opened.append(path) or real(path, decode))
+    report = audit_file(root / "annotations" / "instances_train.json", images_dir=root / "train", jobs=1)
+    assert not any("secret" in path for path in opened)
+    finding = next(f for f in report.findings if f.check == "unsafe_path")
+    assert finding.severity == "error" and "../secret.png" in finding.message
+
+
+def test_string_image_ids(shapes, tmp_path, capsys):
+    def string_ids(doc):
+        for image in doc["images"]:
+            image["id"] = f"img{image['id']}"
+        for annotation in doc["annotations"]:
+            annotation["image_id"] = f"img{annotation['image_id']}"
+
+    root = _variant(shapes, tmp_path, string_ids)
+    ann = root / "annotations" / "instances_train.json"
+    assert _train(root, tmp_path / "off", "off") == 0  # the index takes any hashable id, as pycocotools does
+    # the audit's columns are integers: every image is dropped, and the message says why (not "has no images")
+    line = one_line_error(capsys, _train(root, tmp_path / "drop", "drop"), str(ann), "dropped all 24 images",
+                          "'img")
+    assert "is a string" in line and "has no images" not in line
+
+
+def test_all_crowd_annotations_are_a_finding(shapes, tmp_path, capsys):
+    def all_crowd(doc):
+        for annotation in doc["annotations"]:
+            annotation["iscrowd"] = 1
+
+    root = _variant(shapes, tmp_path, all_crowd)
+    ann = root / "annotations" / "instances_train.json"
+    assert main(["audit", str(ann), "--quiet", "--json", str(tmp_path / "a.json")]) == 0  # a warning
+    report = json.loads((tmp_path / "a.json").read_text())
+    annotated = len({a["image_id"] for a in json.loads(ann.read_text())["annotations"]})
+    assert report["summary"]["by_check"]["crowd_only_image"] == annotated > 0
+    finding = next(f for f in report["findings"] if f["check"] == "crowd_only_image")
+    assert finding["severity"] == "warning" and "iscrowd" in finding["message"]
+
+
+def test_huge_coordinates_are_printed_compactly(tmp_path, capsys):
+    doc = {"images": [{"id": 1, "width": 100, "height": 80, "file_name": "a.png"}],
+           "categories": [{"id": 1, "name": "x"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1e308, 1, 2, 3]}]}
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps(doc))
+    assert main(["audit", str(ann), "--quiet", "--json", str(tmp_path / "r.json")]) == 1
+    message = json.loads((tmp_path / "r.json").read_text())["findings"][0]["message"]
+    assert "1e+308" in message and "0000000000" not in message
+
+
+# -- 10. 16-bit images: scaled, not saturated; the audit warns ------------------------------------------
+
+
+def test_16_bit_png_is_scaled_and_reported(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from nanguard.audit import audit_file
+    from nanguard.data.loader import load_image
+
+    pixels = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    (tmp_path / "img").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "img" / "a.png")
+    image = load_image(tmp_path / "img" / "a.png")
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert image[0, 0, 0] == 0 and image[-1, -1, 0] == 255 and abs(int(image[32, 0, 0]) - 128) <= 1
+    assert (image == 255).mean() < 0.01  # convert("RGB") made 99.6 % of it white
+    doc = {"images": [{"id": 1, "width": 64, "height": 64, "file_name": "a.png"}], "categories": [{"id": 1}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20]}]}
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    for decode in (False, True):
+        report = audit_file(tmp_path / "a.json", images_dir=tmp_path / "img", decode=decode, jobs=1)
+        finding = next(f for f in report.findings if f.check == "high_bit_depth")
+        assert finding.severity == "warning" and "I;16" in finding.message
+
+
+# -- 8. an image the model's resize cannot take is skipped in evaluation, not a crash ------------------
+
+
+def test_eval_skips_an_image_too_thin_to_resize(run_copy, shapes, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "val"
+    shutil.copytree(shapes / "val", images)
+    Image.fromarray(np.full((20, 20000, 3), 90, dtype=np.uint8)).save(images / "wide.png")
+    doc = json.loads((shapes / "annotations" / "instances_val.json").read_text())
+    doc["images"].append({"id": 999, "file_name": "wide.png", "width": 20000, "height": 20})
+    doc["annotations"].append({"id": 9999, "image_id": 999, "category_id": doc["categories"][0]["id"],
+                               "bbox": [10, 2, 100, 10], "area": 1000, "iscrowd": 0})
+    ann = tmp_path / "val.json"
+    ann.write_text(json.dumps(doc))
+    code = main(["eval", str(run_copy), "--json", f"data.val_ann={ann}", f"data.val_images={images}"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    metrics = json.loads(captured.out)
+    assert metrics["skipped_images"] == 1 and metrics["images"] == 9
+    warning = [line for line in captured.err.splitlines() if "wide.png" in line]
+    assert len(warning) == 1 and "20000x20" in warning[0] and "skipped" in warning[0]
