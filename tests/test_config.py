@@ -122,3 +122,13 @@ def test_refused_config_writes_no_run_folder(tmp_path, capsys):
     assert main(["train", "--quiet", "--out", str(out), "train.threads=-1"]) == 2
     assert "train.threads=-1" in capsys.readouterr().err
     assert not (out / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("override", ["data.synth_images=10", "data.synth_seed=4", "data.cache=/tmp/elsewhere"])
+def test_generated_dataset_keys_are_refused_with_named_data(override):
+    with pytest.raises(UserError, match="has no effect with data.root"):
+        load_config("demo", ["data.root=/some/folder", override])
+    with pytest.raises(UserError, match="has no effect with data.train_ann"):
+        load_config("demo", ["data.train_ann=a.json", "data.train_images=a", "data.val_ann=b.json",
+                             "data.val_images=b", override])
+    load_config("demo", [override])  # the generated dataset: they mean something

@@ -475,3 +475,29 @@ def test_eval_skips_an_image_too_thin_to_resize(run_copy, shapes, tmp_path, caps
     assert metrics["skipped_images"] == 1 and metrics["images"] == 9
     warning = [line for line in captured.err.splitlines() if "wide.png" in line]
     assert len(warning) == 1 and "20000x20" in warning[0] and "skipped" in warning[0]
+
+
+def test_append_jsonl_on_a_full_disk(tmp_path, monkeypatch):
+    import builtins
+
+    import nanguard.fileio as fileio
+    from nanguard.errors import UserError
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio, "open", FullDisk, raising=False)
+    with pytest.raises(UserError, match="metrics.jsonl: cannot append to it \\(no space left on device\\)"):
+        fileio.append_jsonl(tmp_path / "metrics.jsonl", {"step": 1})

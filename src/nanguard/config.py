@@ -368,6 +368,14 @@ def validate(cfg: Config) -> None:
                         "(or data.root for a synth-layout folder)")
     if cfg.data.root is not None and any(v is not None for v in explicit):
         raise UserError("data.root and data.train_ann/... both set; use one or the other")
+    if cfg.data.root is not None or cfg.data.train_ann is not None:
+        # the generated dataset's keys mean nothing when the data is named: refused, not ignored
+        defaults = DataConfig()
+        for name in ("cache", "synth_images", "synth_val_images", "synth_size", "synth_classes", "synth_seed"):
+            if getattr(cfg.data, name) != getattr(defaults, name):
+                named = "data.root" if cfg.data.root is not None else "data.train_ann/..."
+                raise UserError(f"data.{name}={getattr(cfg.data, name)} has no effect with {named} (it shapes the "
+                                f"generated dataset only); drop it")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -121,19 +121,25 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append one strict-JSON line and fsync it. A line is written in one `write` call, so a crash
     leaves at most a torn last line, which `read_jsonl` skips."""
     line = (dumps(record) + "\n").encode("utf-8")
-    with open(path, "ab") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:  # a torn last line is what read_jsonl already skips
+        raise UserError(f"{path}: cannot append to it ({write_failure_reason(exc)}); free space or make the "
+                        "folder writable, then resume the run") from None
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (a crash mid-append) is ignored."""
     records = []
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return records
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({write_failure_reason(exc)}); check the run folder") from None
     for line in text.splitlines():
         if not line.strip():
             continue
