@@ -501,3 +501,22 @@ def test_append_jsonl_on_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio, "open", FullDisk, raising=False)
     with pytest.raises(UserError, match="metrics.jsonl: cannot append to it \\(no space left on device\\)"):
         fileio.append_jsonl(tmp_path / "metrics.jsonl", {"step": 1})
+
+
+def test_eval_refuses_model_weights(run_copy, capsys):
+    one_line_error(capsys, main(["eval", str(run_copy), *EVAL, "model.weights=/x.pt"]), "model.weights",
+                   "checkpoint")
+
+
+def test_a_second_damaged_copy_does_not_replace_the_first(run_copy, capsys):
+    from nanguard.backends.torch.checkpoint import load_newest
+
+    folder = run_copy / "checkpoints"
+    (folder / "step_00000002.pt.damaged").write_bytes(b"first damaged copy")
+    newest = folder / "step_00000002.pt"
+    newest.write_bytes(b"second damaged copy")
+    path, _ = load_newest(run_copy)
+    assert path.name == "step_00000001.pt"
+    assert (folder / "step_00000002.pt.damaged").read_bytes() == b"first damaged copy"
+    assert (folder / "step_00000002.pt.damaged.1").read_bytes() == b"second damaged copy"
+    assert "step_00000002.pt.damaged.1" in capsys.readouterr().err

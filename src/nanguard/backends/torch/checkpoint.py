@@ -97,6 +97,10 @@ def load_newest(run_dir: Path) -> tuple[Path, dict[str, Any]]:
             return path, state
         first_problem = first_problem or f"{path.name}: {problem.split(';')[0]}"
         aside = path.with_name(path.name + ".damaged")
+        for n in range(1, 1000):  # an earlier damaged copy of the same step is kept too
+            if not aside.exists():
+                break
+            aside = path.with_name(f"{path.name}.damaged.{n}")
         try:
             path.rename(aside)
             where = f"renamed to {aside.name}"

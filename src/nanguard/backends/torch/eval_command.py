@@ -132,9 +132,12 @@ def run(args) -> int:
         if not _is_data_key(override):
             cfg = apply_override(cfg, override)
     validate(dataclasses.replace(cfg, data=run_cfg.data))
+    if any(_key(o) == "model.weights" for o in args.overrides):
+        raise UserError("model.weights: eval uses the weights in the checkpoint; drop it (or evaluate another "
+                        "checkpoint)")
+    # the checkpoint holds the weights: the file the run started from is neither needed nor read again
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
     val_ann, val_images = validation_paths(run_cfg, list(args.overrides), args.quiet)
-    if args.detections:
-        _check_detections_path(Path(args.detections))  # again: it may be the annotation file just named
     device = pick_device(args.device)
     category_ids = tuple(int(c) for c in state["category_ids"])
     model = build_model(cfg.model, len(category_ids)).to(device)
