@@ -520,3 +520,40 @@ def test_a_second_damaged_copy_does_not_replace_the_first(run_copy, capsys):
     assert (folder / "step_00000002.pt.damaged").read_bytes() == b"first damaged copy"
     assert (folder / "step_00000002.pt.damaged.1").read_bytes() == b"second damaged copy"
     assert "step_00000002.pt.damaged.1" in capsys.readouterr().err
+
+
+def test_real_torch_save_on_a_full_disk_names_the_cause(tmp_path, monkeypatch):
+    """torch.save swallows the OSError of a full disk and raises "unexpected pos ..."; the cause survives."""
+    import os
+
+    import torch
+
+    import nanguard.fileio as fileio
+    from nanguard.backends.torch import checkpoint as ckpt
+    from nanguard.errors import UserError
+
+    real_fdopen = os.fdopen
+
+    class FillsUp:
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
+    with pytest.raises(UserError, match=r"step_00000007.pt: cannot write it \(no space left on device\)"):
+        ckpt.save_checkpoint(tmp_path, {"step": 7, "model": {"w": torch.zeros(100_000)}}, keep=2)
+    assert list((tmp_path / "checkpoints").iterdir()) == []

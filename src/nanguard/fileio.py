@@ -56,18 +56,38 @@ def write_failure_reason(exc: BaseException) -> str | None:
     return None
 
 
+class _RecordingFile:
+    """The temp file as `write` sees it: remembers an OSError from a write, because torch.save swallows
+    it and raises its own RuntimeError ("unexpected pos ..."), which would lose "no space left on device"."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
     """Call `write(fileobj)` on a temp file next to `path`, fsync it, and rename it over `path`.
 
     An I/O failure (a full disk, a read-only folder, no permission) raises `UserError` naming the path
     and the cause; the temp file is removed and a previous file at `path` is left as it was."""
     path = Path(path)
-    tmp = None
+    tmp = recording = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            recording = _RecordingFile(handle)
+            write(recording)  # type: ignore[arg-type]
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -77,7 +97,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
                 os.unlink(tmp)
             except OSError:
                 pass
-        reason = write_failure_reason(exc)
+        if recording is not None and recording.error is not None:
+            reason = write_failure_reason(recording.error)  # whatever torch turned it into
+        else:
+            reason = write_failure_reason(exc)
         if reason is None:
             raise
         raise UserError(f"{path}: cannot write it ({reason}); free space or pick a writable folder") from None
