@@ -33,9 +33,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_failure_reason(exc: BaseException) -> str | None:
-    """A short cause for a failed write ("no space left on device"), or None when `exc` is not an I/O
-    failure. torch.save reports a full disk as a RuntimeError ("... unexpected pos ...") from its zip
+def io_error_reason(exc: BaseException) -> str | None:
+    """A short cause for a failed read or write ("no space left on device"), or None when `exc` is not an
+    I/O failure. torch.save reports a full disk as a RuntimeError ("... unexpected pos ...") from its zip
     writer, not as an OSError."""
     if isinstance(exc, OSError):
         if exc.errno == errno.ENOSPC:
@@ -97,10 +97,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
                 os.unlink(tmp)
             except OSError:
                 pass
-        if recording is not None and recording.error is not None:
-            reason = write_failure_reason(recording.error)  # whatever torch turned it into
+        if isinstance(exc, Exception) and recording is not None and recording.error is not None:
+            reason = io_error_reason(recording.error)  # whatever torch turned it into
         else:
-            reason = write_failure_reason(exc)
+            reason = io_error_reason(exc)
         if reason is None:
             raise
         raise UserError(f"{path}: cannot write it ({reason}); free space or pick a writable folder") from None
@@ -150,7 +150,7 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as exc:  # a torn last line is what read_jsonl already skips
-        raise UserError(f"{path}: cannot append to it ({write_failure_reason(exc)}); free space or make the "
+        raise UserError(f"{path}: cannot append to it ({io_error_reason(exc)}); free space or make the "
                         "folder writable, then resume the run") from None
 
 
@@ -162,7 +162,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return records
     except OSError as exc:
-        raise UserError(f"{path}: cannot read it ({write_failure_reason(exc)}); check the run folder") from None
+        raise UserError(f"{path}: cannot read it ({io_error_reason(exc)}); check the run folder") from None
     for line in text.splitlines():
         if not line.strip():
             continue

@@ -135,8 +135,11 @@ def load_image(path) -> np.ndarray:
 
 def _wide_to_rgb8(image: Image.Image) -> np.ndarray:
     pixels = np.asarray(image).astype(np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and pixels.size and pixels.max() > 255):
+    peak = float(np.nanmax(pixels)) if pixels.size and not np.isnan(pixels).all() else 0.0
+    if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
         pixels = pixels / 257.0  # a 16-bit range (Pillow opens some 16-bit files as "I")
+    elif image.mode == "F" and peak <= 1.0:
+        pixels = pixels * 255.0  # float pixels in [0, 1]
     gray = np.clip(np.rint(np.nan_to_num(pixels)), 0, 255).astype(np.uint8)
     return np.repeat(gray[:, :, None], 3, axis=2)
 
