@@ -334,6 +334,14 @@ def _absolute_path(doc):
     doc["images"][0]["file_name"] = "/etc/hostname"
 
 
+def _annotation_without_bbox(doc):
+    doc["annotations"][0].pop("bbox")
+
+
+def _annotation_not_an_object(doc):
+    doc["annotations"][0] = 7
+
+
 MALFORMED = {
     # mutate, the error with data.audit=off, the audit's finding
     "category_without_id": (_category_without_id, "categories[0] has no integer id", "malformed_category"),
@@ -343,6 +351,9 @@ MALFORMED = {
     "image_with_string_width": (_image_with_string_width, "width='abc'", "malformed_image"),
     "file_name_with_dotdot": (_parent_path, "'../secret.png' is absolute or leaves the image folder", "unsafe_path"),
     "absolute_file_name": (_absolute_path, "'/etc/hostname' is absolute or leaves the image folder", "unsafe_path"),
+    "annotation_without_bbox": (_annotation_without_bbox, "bbox=None, not a list of 4 numbers", "malformed_bbox"),
+    "annotation_not_an_object": (_annotation_not_an_object, "annotations[0] is not a JSON object",
+                                 "malformed_annotation"),
 }
 
 
@@ -557,3 +568,42 @@ def test_real_torch_save_on_a_full_disk_names_the_cause(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"step_00000007.pt: cannot write it \(no space left on device\)"):
         ckpt.save_checkpoint(tmp_path, {"step": 7, "model": {"w": torch.zeros(100_000)}}, keep=2)
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+# -- the validation split is not audited: eval refuses what it cannot score, takes string ids ----------
+
+
+def _val_variant(shapes: Path, tmp_path: Path, mutate) -> Path:
+    ann = tmp_path / "val.json"
+    doc = json.loads((shapes / "annotations" / "instances_val.json").read_text())
+    mutate(doc)
+    ann.write_text(json.dumps(doc))
+    return ann
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (_annotation_without_bbox, "annotations[0] (id"),
+    (_annotation_not_an_object, "annotations[0] is not a JSON object"),
+    (lambda doc: doc["annotations"][0].pop("id"), "annotations[0] has no usable id"),
+    (lambda doc: doc["annotations"][0].update(bbox="x"), "bbox='x'"),
+])
+def test_eval_refuses_malformed_validation_records(run_copy, shapes, tmp_path, mutate, needle, capsys):
+    ann = _val_variant(shapes, tmp_path, mutate)
+    code = main(["eval", str(run_copy), *EVAL, f"data.val_ann={ann}", f"data.val_images={shapes / 'val'}"])
+    one_line_error(capsys, code, str(ann), needle)
+
+
+def test_eval_with_string_image_ids_scores_the_same(run_copy, shapes, tmp_path, capsys):
+    def string_ids(doc):
+        for image in doc["images"]:
+            image["id"] = f"img{image['id']}"
+        for annotation in doc["annotations"]:
+            annotation["image_id"] = f"img{annotation['image_id']}"
+
+    images = f"data.val_images={shapes / 'val'}"
+    assert main(["eval", str(run_copy), *EVAL, "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    ann = _val_variant(shapes, tmp_path, string_ids)
+    assert main(["eval", str(run_copy), *EVAL, "--json", f"data.val_ann={ann}", images]) == 0
+    renamed = json.loads(capsys.readouterr().out)
+    assert renamed["mAP"] == plain["mAP"] and renamed["mAP50"] == plain["mAP50"] and renamed["images"] == 8

@@ -173,6 +173,15 @@ def check_records(document: dict[str, Any], ann_file: Path | str) -> None:
         if escapes_folder(name):
             raise UserError(f"{ann_file}: images[{row}] (id {image_id!r}) file_name {name!r} is absolute or leaves "
                             f"the image folder; nanguard reads only files inside it; {fix}")
+    for row, ann in enumerate(document["annotations"]):
+        if not isinstance(ann, dict):
+            raise UserError(f"{ann_file}: annotations[{row}] is not a JSON object; {fix}")
+        for key in ("id", "image_id"):
+            if ann.get(key) is None or isinstance(ann[key], (bool, float, list, dict)):
+                raise UserError(f"{ann_file}: annotations[{row}] has no usable {key} (got {ann.get(key)!r}); {fix}")
+        if not _is_box(ann.get("bbox")):  # NaN / Inf are numbers: with data.audit=off they reach the model
+            raise UserError(f"{ann_file}: annotations[{row}] (id {ann['id']!r}) has bbox={ann.get('bbox')!r}, not a "
+                            f"list of 4 numbers [x, y, width, height]; {fix}")
 
 
 def _is_box(bbox: Any) -> bool:
