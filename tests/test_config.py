@@ -66,3 +66,69 @@ def test_bad_yaml_files(tmp_path: Path):
 def test_data_keys_must_come_together():
     with pytest.raises(UserError, match="set all four"):
         load_config("demo", ["data.train_ann=a.json"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    # crashed inside torch
+    ("train.threads=-1", "train.threads=-1 must be >= 0"),
+    ("train.momentum=-1", "train.momentum=-1.0 must be in [0, 1)"),
+    ("train.momentum=1", "train.momentum=1.0 must be in [0, 1)"),
+    ("model.fpn_channels=0", "model.fpn_channels=0 must be > 0"),
+    ("eval.batch_size=0", "eval.batch_size=0 must be > 0"),
+    # accepted silently but wrong
+    ("train.weight_decay=-1", "train.weight_decay=-1.0 must be >= 0"),
+    ("eval.max_images=-1", "eval.max_images=-1 must be >= 0"),
+    ("model.box_batch_size_per_image=0", "model.box_batch_size_per_image=0 must be > 0"),
+    # the rest of the numeric keys
+    ("seed=-1", "seed=-1"),
+    ("model.min_size=8", "model.min_size=8 must be >= 32"),
+    ("model.representation_size=0", "model.representation_size"),
+    ("model.rpn_pre_nms_top_n_train=0", "model.rpn_pre_nms_top_n_train"),
+    ("model.rpn_post_nms_top_n_test=-5", "model.rpn_post_nms_top_n_test"),
+    ("model.box_detections_per_img=0", "model.box_detections_per_img"),
+    ("model.box_score_thresh=1.5", "model.box_score_thresh=1.5 must be in [0, 1)"),
+    ("data.synth_images=0", "data.synth_images"),
+    ("data.synth_size=8", "data.synth_size=8 must be >= 32"),
+    ("data.synth_classes=9", "data.synth_classes=9 must be in [1, 8]"),
+    ("data.synth_seed=-2", "data.synth_seed"),
+    ("data.synth_val_images=0", "data.synth_val_images=0 leaves nothing"),
+    ("data.prefetch=-1", "data.prefetch"),
+    ("train.lr=-0.1", "train.lr=-0.1 must be > 0"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio=2.0 must be in [0, 1]"),
+    ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("guard.param_abs_max=0", "guard.param_abs_max"),
+    ("guard.spike_window=0", "guard.spike_window"),
+    ("guard.spike_threshold=0", "guard.spike_threshold"),
+    ("guard.spike_min_ratio=0.5", "guard.spike_min_ratio=0.5 must be >= 1"),
+    ("guard.clip_norm=-1", "guard.clip_norm"),
+])
+def test_every_numeric_key_has_a_range(override, expected):
+    with pytest.raises(UserError) as err:
+        load_config("demo", [override])
+    assert expected in str(err.value)
+
+
+def test_edges_of_the_ranges_are_accepted():
+    cfg = load_config("demo", ["train.momentum=0", "train.weight_decay=0", "eval.max_images=0", "train.threads=0",
+                               "guard.clip_norm=0", "model.box_score_thresh=0", "train.min_lr_ratio=1",
+                               "data.synth_val_images=0", "train.eval_at_end=false"])
+    assert cfg.train.momentum == 0.0
+
+
+def test_refused_config_writes_no_run_folder(tmp_path, capsys):
+    from nanguard.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--quiet", "--out", str(out), "train.threads=-1"]) == 2
+    assert "train.threads=-1" in capsys.readouterr().err
+    assert not (out / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("override", ["data.synth_images=10", "data.synth_seed=4", "data.cache=/tmp/elsewhere"])
+def test_generated_dataset_keys_are_refused_with_named_data(override):
+    with pytest.raises(UserError, match="has no effect with data.root"):
+        load_config("demo", ["data.root=/some/folder", override])
+    with pytest.raises(UserError, match="has no effect with data.train_ann"):
+        load_config("demo", ["data.train_ann=a.json", "data.train_images=a", "data.val_ann=b.json",
+                             "data.val_images=b", override])
+    load_config("demo", [override])  # the generated dataset: they mean something

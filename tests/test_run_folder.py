@@ -109,7 +109,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_is_kept_aside(shapes, tmp_pa
     capsys.readouterr()
     assert main(["train", "--quiet", "--resume", str(run), "train.steps=6"]) == 0
     err = capsys.readouterr().err
-    assert "step_00000004.pt" in err and "kept aside" in err and "older checkpoint" in err
+    assert "step_00000004.pt" in err and "kept aside" in err and "an older checkpoint" in err
     assert (run / "checkpoints" / "step_00000004.pt.damaged").stat().st_size == 1000
     assert checkpoint_steps(run) == [2, 4, 6] and newest_checkpoint(run)["step"] == 6
     lines = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="COCO mAP of a run or checkpoint on the validation set")
     p.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.val_ann=...")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.val_ann=FILE data.val_images=DIR")
     p.add_argument("--detections", metavar="OUT.json", help="write COCO-format detections")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--quiet", action="store_true")

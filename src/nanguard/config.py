@@ -274,33 +274,98 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field and range checks that the types alone cannot express."""
-    def positive(key: str, value: float, allow_zero: bool = False) -> None:
-        if value < 0 or (value == 0 and not allow_zero):
-            raise UserError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+# The range of every numeric key: (low, high, low inclusive, high inclusive); None = unbounded.
+# A value outside crashes deep inside torch (threads=-1, fpn_channels=0, eval.batch_size=0) or trains
+# wrongly without a word (weight_decay=-1 grows the weights, box_batch_size_per_image=0 samples no ROI).
+_AT_LEAST_0 = (0, None, True, False)
+_POSITIVE = (0, None, False, False)
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "seed": (0, 2**63 - 1, True, True),  # numpy's generators refuse negative seeds
+    "model.min_size": (32, None, True, False),  # below the backbone's stride-32 level there is no feature map
+    "model.max_size": (32, None, True, False),
+    "model.fpn_channels": _POSITIVE,
+    "model.representation_size": _POSITIVE,
+    "model.rpn_pre_nms_top_n_train": _POSITIVE,
+    "model.rpn_post_nms_top_n_train": _POSITIVE,
+    "model.rpn_pre_nms_top_n_test": _POSITIVE,
+    "model.rpn_post_nms_top_n_test": _POSITIVE,
+    "model.box_batch_size_per_image": _POSITIVE,
+    "model.box_detections_per_img": _POSITIVE,
+    "model.box_score_thresh": (0, 1, True, False),
+    "data.synth_images": _POSITIVE,
+    "data.synth_val_images": _AT_LEAST_0,
+    "data.synth_size": (32, None, True, False),  # nanguard synth's own minimum
+    "data.synth_classes": (1, 8, True, True),  # the eight shapes nanguard synth draws
+    "data.synth_seed": _AT_LEAST_0,
+    "data.prefetch": _AT_LEAST_0,
+    "train.steps": _AT_LEAST_0,
+    "train.batch_size": _POSITIVE,
+    "train.lr": _POSITIVE,
+    "train.momentum": (0, 1, True, False),
+    "train.weight_decay": _AT_LEAST_0,
+    "train.warmup_steps": _AT_LEAST_0,
+    "train.min_lr_ratio": (0, 1, True, True),
+    "train.log_every": _POSITIVE,
+    "train.checkpoint_every": _POSITIVE,
+    "train.keep_checkpoints": _POSITIVE,
+    "train.threads": _AT_LEAST_0,  # 0 = torch's default
+    "guard.clip_norm": _AT_LEAST_0,  # 0 = no clipping
+    "guard.param_check_every": _POSITIVE,
+    "guard.param_abs_max": _POSITIVE,
+    "guard.spike_window": _POSITIVE,
+    "guard.spike_min_history": _POSITIVE,
+    "guard.spike_threshold": _POSITIVE,
+    "guard.spike_min_ratio": (1, None, True, False),  # a spike is above the median, never below it
+    "eval.batch_size": _POSITIVE,
+    "eval.max_images": _AT_LEAST_0,  # 0 = the whole split
+}
 
-    positive("train.steps", cfg.train.steps, allow_zero=True)
-    positive("train.batch_size", cfg.train.batch_size)
-    positive("train.lr", cfg.train.lr)
-    positive("train.log_every", cfg.train.log_every)
-    positive("train.checkpoint_every", cfg.train.checkpoint_every)
-    positive("train.keep_checkpoints", cfg.train.keep_checkpoints)
-    positive("train.warmup_steps", cfg.train.warmup_steps, allow_zero=True)
-    positive("guard.clip_norm", cfg.guard.clip_norm, allow_zero=True)
-    positive("guard.param_check_every", cfg.guard.param_check_every)
-    positive("model.min_size", cfg.model.min_size)
-    positive("eval.batch_size", cfg.eval.batch_size)
+
+def _range_text(low, high, low_inclusive: bool, high_inclusive: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_inclusive else '>'} {low}"
+    return f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+
+
+def _lookup(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Range checks of every numeric key (`RANGES`) and cross-field checks that the types alone cannot
+    express. Runs before anything is written, so a refused run leaves no config.yaml behind."""
+    for key, (low, high, low_inclusive, high_inclusive) in RANGES.items():
+        value = _lookup(cfg, key)
+        below = value < low or (value == low and not low_inclusive)
+        above = high is not None and (value > high or (value == high and not high_inclusive))
+        if below or above:
+            raise UserError(f"{key}={value} must be {_range_text(low, high, low_inclusive, high_inclusive)}")
     if cfg.model.max_size < cfg.model.min_size:
         raise UserError(f"model.max_size={cfg.model.max_size} is below model.min_size={cfg.model.min_size}")
     if cfg.guard.spike_min_history > cfg.guard.spike_window:
-        raise UserError("guard.spike_min_history must not exceed guard.spike_window")
+        raise UserError(f"guard.spike_min_history={cfg.guard.spike_min_history} must not exceed "
+                        f"guard.spike_window={cfg.guard.spike_window}")
+    if cfg.data.synth_val_images == 0 and cfg.train.eval_at_end and cfg.data.root is None \
+            and cfg.data.train_ann is None:
+        raise UserError("data.synth_val_images=0 leaves nothing for the final evaluation; set it >= 1 or "
+                        "train.eval_at_end=false")
     explicit = [cfg.data.train_ann, cfg.data.train_images, cfg.data.val_ann, cfg.data.val_images]
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
         raise UserError("set all four of data.train_ann, data.train_images, data.val_ann, data.val_images "
                         "(or data.root for a synth-layout folder)")
     if cfg.data.root is not None and any(v is not None for v in explicit):
         raise UserError("data.root and data.train_ann/... both set; use one or the other")
+    if cfg.data.root is not None or cfg.data.train_ann is not None:
+        # the generated dataset's keys mean nothing when the data is named: refused, not ignored
+        defaults = DataConfig()
+        for name in ("cache", "synth_images", "synth_val_images", "synth_size", "synth_classes", "synth_seed"):
+            if getattr(cfg.data, name) != getattr(defaults, name):
+                named = "data.root" if cfg.data.root is not None else "data.train_ann/..."
+                raise UserError(f"data.{name}={getattr(cfg.data, name)} has no effect with {named} (it shapes the "
+                                f"generated dataset only); drop it")
 
 
 def dump_yaml(cfg: Config) -> str:

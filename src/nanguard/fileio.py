@@ -8,6 +8,7 @@ half of one. JSON is written with allow_nan=False; `json_safe` turns non-finite 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,6 +16,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from nanguard.errors import UserError
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -30,23 +33,77 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def io_error_reason(exc: BaseException) -> str | None:
+    """A short cause for a failed read or write ("no space left on device"), or None when `exc` is not an
+    I/O failure. torch.save reports a full disk as a RuntimeError ("... unexpected pos ...") from its zip
+    writer, not as an OSError."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "no space left on device"
+        if exc.errno == errno.EDQUOT:
+            return "disk quota exceeded"
+        if exc.errno == errno.EROFS:
+            return "read-only file system"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied"
+        if exc.strerror:
+            return exc.strerror.lower()
+        return exc.__class__.__name__
+    if isinstance(exc, RuntimeError):
+        text = str(exc)
+        if any(marker in text for marker in ("unexpected pos", "file write failed", "PytorchStreamWriter failed")):
+            return "the write failed part-way (disk full?)"
+    return None
+
+
+class _RecordingFile:
+    """The temp file as `write` sees it: remembers an OSError from a write, because torch.save swallows
+    it and raises its own RuntimeError ("unexpected pos ..."), which would lose "no space left on device"."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call `write(fileobj)` on a temp file next to `path`, fsync it, and rename it over `path`."""
+    """Call `write(fileobj)` on a temp file next to `path`, fsync it, and rename it over `path`.
+
+    An I/O failure (a full disk, a read-only folder, no permission) raises `UserError` naming the path
+    and the cause; the temp file is removed and a previous file at `path` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = recording = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            recording = _RecordingFile(handle)
+            write(recording)  # type: ignore[arg-type]
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(exc, Exception) and recording is not None and recording.error is not None:
+            reason = io_error_reason(recording.error)  # whatever torch turned it into
+        else:
+            reason = io_error_reason(exc)
+        if reason is None:
+            raise
+        raise UserError(f"{path}: cannot write it ({reason}); free space or pick a writable folder") from None
     _fsync_dir(path.parent)
     return path
 
@@ -87,19 +144,25 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append one strict-JSON line and fsync it. A line is written in one `write` call, so a crash
     leaves at most a torn last line, which `read_jsonl` skips."""
     line = (dumps(record) + "\n").encode("utf-8")
-    with open(path, "ab") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:  # a torn last line is what read_jsonl already skips
+        raise UserError(f"{path}: cannot append to it ({io_error_reason(exc)}); free space or make the "
+                        "folder writable, then resume the run") from None
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (a crash mid-append) is ignored."""
     records = []
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return records
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({io_error_reason(exc)}); check the run folder") from None
     for line in text.splitlines():
         if not line.strip():
             continue

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nanguard.audit.checks import CHECKS, run_annotation_checks, run_image_checks
+from nanguard.audit.checks import CHECKS, run_annotation_checks, run_category_checks, run_image_checks
 from nanguard.audit.fix import apply_fix, plan_fix
 from nanguard.audit.images import inspect
 from nanguard.audit.load import load
@@ -51,13 +51,14 @@ def audit_file(
         cols = loaded.columns
         ann_hits, geometry = run_annotation_checks(cols, float(min_size))
         img_hits = run_image_checks(cols)
+        cat_hits = run_category_checks(cols)
         facts = None
         if images_dir is not None:
             facts = inspect(cols, images_dir, decode=decode, jobs=jobs, on_progress=status.advance)
             img_hits.update(facts.hits)
-        plan = plan_fix(cols, ann_hits, img_hits, geometry, float(min_size))
+        plan = plan_fix(cols, ann_hits, img_hits, geometry, float(min_size), cat_hits)
     report = AuditReport(loaded.path, cols, ann_hits, img_hits, geometry, plan, min_size=float(min_size),
-                         image_facts=facts, document=loaded.document)
+                         image_facts=facts, document=loaded.document, cat_hits=cat_hits)
     report.options = {"images_dir": images_dir, "min_size": float(min_size), "decode": decode, "jobs": jobs}
     return report
 
@@ -91,7 +92,22 @@ def audit_and_clean(
     """Audit and clean with one read of the file: what `nanguard train` (data.audit=drop) calls."""
     report = audit_file(ann_path, images_dir=images_dir, min_size=min_size, decode=decode, jobs=jobs,
                         progress=progress, keep_document=True)
-    return report, apply_fix(report.document, report.plan, report.columns.boxes)
+    clean = apply_fix(report.document, report.plan, report.columns.boxes)
+    if report.columns.n_images and not clean["images"]:
+        # Said here, with the cause: the training index would only see an empty file ("has no images").
+        first = next(f for f in report.findings if f.severity == "error" and CHECKS[f.check].target == "image")
+        raise UserError(f"{report.path}: the audit dropped all {report.columns.n_images} images "
+                        f"({_error_counts(report)}); e.g. {first.message}; fix the file, `nanguard audit "
+                        f"{report.path}` lists every finding")
+    if report.columns.category_record_ok is not None and not clean["categories"]:
+        raise UserError(f"{report.path}: no category has an integer id; a detection file must name its classes "
+                        "as {\"id\": 1, \"name\": ...}")
+    return report, clean
+
+
+def _error_counts(report: AuditReport) -> str:
+    return ", ".join(f"{name}: {count}" for name, count in report.by_check.items()
+                     if count and CHECKS[name].severity == "error")
 
 
 class _Progress:

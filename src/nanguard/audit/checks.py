@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanguard.audit.load import Columns
+from nanguard.data.coco import escapes_folder
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 
@@ -23,7 +24,7 @@ EXTREME_ASPECT_RATIO = 50.0
 class Check:
     name: str
     severity: str
-    target: str  # "annotation" or "image"
+    target: str  # "annotation", "image" or "category"
     why: str  # shown in the table: what makes it dangerous
 
 
@@ -53,9 +54,14 @@ CHECKS: dict[str, Check] = {
         Check("missing_image", ERROR, "image", "file not found under --images"),
         Check("unreadable_image", ERROR, "image", "file cannot be opened or decoded"),
         Check("size_mismatch", ERROR, "image", "file size differs from the json's width / height"),
+        Check("unsafe_path", ERROR, "image", "file_name is absolute or climbs out of the image folder (..): never read"),
         # Image, warning / info
         Check("constant_image", WARNING, "image", "a channel has zero std: per-image normalisation divides by 0"),
+        Check("crowd_only_image", WARNING, "image", "every annotation is a crowd box (iscrowd=1), which training skips: it trains as background"),
+        Check("high_bit_depth", WARNING, "image", "16-bit (or float) pixels: training scales them to 8 bits"),
         Check("image_without_annotations", INFO, "image", "no annotation refers to it (a pure background image)"),
+        # Category, error
+        Check("malformed_category", ERROR, "category", "record is not an object, or its id is missing or not an integer"),
     ]
 }
 
@@ -171,12 +177,35 @@ def run_annotation_checks(cols: Columns, min_size: float) -> tuple[dict[str, np.
     return rows, Geometry(image_row=image_row, image_width=width, image_height=height, sane=sane)
 
 
+def unsafe_paths(cols: Columns) -> np.ndarray:
+    """[M] bool: file_name is absolute or climbs out of the image folder (such a file is never opened)."""
+    return np.array([name is not None and escapes_folder(name) for name in cols.file_names], dtype=bool)
+
+
 def run_image_checks(cols: Columns) -> dict[str, np.ndarray]:
     """Checks on the image records alone (the files are `images.inspect`'s business)."""
     hits = {
         "malformed_image": np.flatnonzero(~image_record_ok(cols)),
         "duplicate_image_id": later_duplicates(cols.image_ids, cols.image_id_ok & cols.image_is_object),
+        "unsafe_path": np.flatnonzero(unsafe_paths(cols)),
     }
     referenced = np.isin(cols.image_ids, cols.ann_image_ids[cols.ann_image_id_ok])
     hits["image_without_annotations"] = np.flatnonzero(cols.image_id_ok & cols.image_is_object & ~referenced)
+    hits["crowd_only_image"] = _crowd_only(cols)
     return hits
+
+
+def _crowd_only(cols: Columns) -> np.ndarray:
+    """Rows of images that have annotations, all of them crowd: the training index keeps no target."""
+    if cols.ann_crowd is None or cols.n_annotations == 0:
+        return np.zeros(0, dtype=np.int64)
+    image_row = _lookup_images(cols)
+    known = image_row >= 0
+    total = np.bincount(image_row[known], minlength=cols.n_images)
+    crowd = np.bincount(image_row[known & cols.ann_crowd], minlength=cols.n_images)
+    return np.flatnonzero((total > 0) & (crowd == total))
+
+
+def run_category_checks(cols: Columns) -> dict[str, np.ndarray]:
+    ok = cols.category_record_ok
+    return {"malformed_category": np.zeros(0, dtype=np.int64) if ok is None else np.flatnonzero(~ok)}

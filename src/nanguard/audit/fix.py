@@ -4,7 +4,8 @@ Rules (issue #11): drop annotations with an error-level finding; drop images who
 unreadable or of another size (and malformed image records), with their annotations; drop later records
 that repeat an image id (their annotations stay with the first); clip partially-out boxes to the image;
 drop boxes under --min-size (after clipping); give repeated annotation ids new unique ids; set a
-non-finite area to the box's w*h. Everything else is kept as it was, segmentation included.
+non-finite area to the box's w*h; drop images whose file_name leaves the image folder and category
+records without an integer id. Everything else is kept as it was, segmentation included.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from nanguard.audit.checks import ANNOTATION_ERRORS, Geometry, gather
 from nanguard.audit.load import Columns
 
 # Image checks whose image (and its annotations) the fix drops.
-IMAGE_DROPPING = ("malformed_image", "missing_image", "unreadable_image", "size_mismatch")
+IMAGE_DROPPING = ("malformed_image", "missing_image", "unreadable_image", "size_mismatch", "unsafe_path")
 
 KEPT, IMAGE_DROPPED, UNDER_MIN_SIZE, UNDER_MIN_SIZE_AFTER_CLIP = 0, 1, 2, 3
 # Drop reason codes above these name the error check, in ANNOTATION_ERRORS order.
@@ -35,6 +36,7 @@ class FixPlan:
     area_rows: np.ndarray  # kept annotation rows whose non-finite area becomes w*h
     drop_image: np.ndarray  # [M] bool: record and its annotations dropped
     drop_image_record: np.ndarray  # [M] bool: only the record dropped (a repeated id)
+    drop_category: np.ndarray | None = None  # [K] bool: malformed category records (None: keep all)
 
     def reason_text(self, code: int) -> str:
         if code == IMAGE_DROPPED:
@@ -77,6 +79,7 @@ def plan_fix(
     img_hits: dict[str, np.ndarray],
     geometry: Geometry,
     min_size: float,
+    cat_hits: dict[str, np.ndarray] | None = None,
 ) -> FixPlan:
     n, m = cols.n_annotations, cols.n_images
     drop_image = np.zeros(m, dtype=bool)
@@ -112,9 +115,14 @@ def plan_fix(
 
     area_rows = ann_hits["nonfinite_area"]
     area_rows = area_rows[reason[area_rows] == KEPT]
+    drop_category = None
+    if cat_hits and cols.category_record_ok is not None:
+        drop_category = np.zeros(cols.category_record_ok.shape[0], dtype=bool)
+        drop_category[cat_hits.get("malformed_category", np.zeros(0, dtype=np.int64))] = True
     return FixPlan(
         drop_reason=reason, clip_rows=clip_rows, clipped_boxes=clipped, renumber_rows=renumber_rows,
         new_ids=new_ids, area_rows=area_rows, drop_image=drop_image, drop_image_record=drop_image_record,
+        drop_category=drop_category,
     )
 
 
@@ -145,4 +153,7 @@ def apply_fix(document: dict[str, Any], plan: FixPlan, boxes: np.ndarray) -> dic
     clean = dict(document)  # info, licenses, categories and any other key, as they were
     clean["images"] = [images[i] for i in np.flatnonzero(keep_images).tolist()]
     clean["annotations"] = clean_annotations
+    if plan.drop_category is not None and plan.drop_category.any():
+        # a category without an integer id names no class; its annotations are unknown_category already
+        clean["categories"] = [c for c, drop in zip(document["categories"], plan.drop_category.tolist()) if not drop]
     return clean

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanguard.audit.checks import image_record_ok, later_duplicates
+from nanguard.audit.checks import image_record_ok, later_duplicates, unsafe_paths
 from nanguard.audit.load import Columns
 from nanguard.errors import UserError
 
@@ -31,6 +31,7 @@ class ImageFacts:
     actual_size: dict[int, tuple[int, int]] = field(default_factory=dict)  # row -> (width, height)
     error: dict[int, str] = field(default_factory=dict)  # row -> why it could not be read
     constant_channels: dict[int, list[int]] = field(default_factory=dict)  # row -> channels with zero std
+    mode: dict[int, str] = field(default_factory=dict)  # row -> Pillow mode, for high_bit_depth rows
     checked: int = 0
 
 
@@ -42,30 +43,32 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def inspect_file(path: str, decode: bool) -> tuple[str, int, int, str, list[int]]:
-    """-> (status, width, height, error message, constant channels); status: ok, missing, unreadable."""
+def inspect_file(path: str, decode: bool) -> tuple[str, int, int, str, list[int], str]:
+    """-> (status, width, height, error message, constant channels, Pillow mode); status: ok, missing,
+    unreadable."""
     from PIL import Image  # only the image checks need Pillow
 
     if not os.path.isfile(path):
-        return "missing", 0, 0, "", []
+        return "missing", 0, 0, "", [], ""
     try:
         with Image.open(path) as image:
             width, height = image.size
+            mode = image.mode
             if not decode:
-                return "ok", width, height, "", []
+                return "ok", width, height, "", [], mode
             image.load()
             if image.mode not in ("L", "RGB", "RGBA", "I", "F", "I;16"):
                 image = image.convert("RGB")
             pixels = np.asarray(image)
     except Exception as err:  # noqa: BLE001 - any decoder failure means the loader would fail too
-        return "unreadable", 0, 0, f"{type(err).__name__}: {err}", []
+        return "unreadable", 0, 0, f"{type(err).__name__}: {err}", [], ""
     channels = pixels.reshape(pixels.shape[0] * pixels.shape[1], -1)
     # min == max is zero std, exactly, without a float sum over the image.
     constant = np.flatnonzero(channels.min(axis=0) == channels.max(axis=0)).tolist() if channels.size else [0]
-    return "ok", width, height, "", constant
+    return "ok", width, height, "", constant, mode
 
 
-def _inspect_star(task: tuple[str, bool]) -> tuple[str, int, int, str, list[int]]:
+def _inspect_star(task: tuple[str, bool]) -> tuple[str, int, int, str, list[int], str]:
     return inspect_file(*task)
 
 
@@ -85,12 +88,14 @@ def inspect(
         raise UserError(f"--jobs {jobs}: must be at least 1 (or leave it out to use all cores)")
     eligible = image_record_ok(cols)
     eligible[later_duplicates(cols.image_ids, cols.image_id_ok & cols.image_is_object)] = False
+    eligible &= ~unsafe_paths(cols)  # a path outside the folder is reported, never opened
     missing_name = [row for row in np.flatnonzero(eligible).tolist() if not cols.file_names[row]]
     rows = [row for row in np.flatnonzero(eligible).tolist() if cols.file_names[row]]
     tasks = [(str(folder / cols.file_names[row]), decode) for row in rows]
 
     facts = ImageFacts(hits={}, folder=folder)
-    found: dict[str, list[int]] = {"missing_image": [], "unreadable_image": [], "size_mismatch": [], "constant_image": []}
+    found: dict[str, list[int]] = {"missing_image": [], "unreadable_image": [], "size_mismatch": [],
+                                   "constant_image": [], "high_bit_depth": []}
     found["missing_image"].extend(missing_name)
 
     workers = min(jobs or _usable_cores(), max(len(tasks), 1))
@@ -100,7 +105,9 @@ def inspect(
     else:
         pool, results = None, map(_inspect_star, tasks)
     try:
-        for done, (row, (status, width, height, message, constant)) in enumerate(zip(rows, results), 1):
+        from nanguard.data.loader import WIDE_MODES
+
+        for done, (row, (status, width, height, message, constant, mode)) in enumerate(zip(rows, results), 1):
             if status == "missing":
                 found["missing_image"].append(row)
             elif status == "unreadable":
@@ -113,6 +120,9 @@ def inspect(
                 if constant:
                     found["constant_image"].append(row)
                     facts.constant_channels[row] = constant
+                if mode in WIDE_MODES:
+                    found["high_bit_depth"].append(row)
+                    facts.mode[row] = mode
             if on_progress is not None:
                 on_progress(done, len(tasks))
     finally:

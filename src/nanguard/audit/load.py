@@ -52,6 +52,7 @@ class _Annotation(msgspec.Struct, gc=False):
     # A tuple decodes ~1.5x faster than a list and any length still decodes (a 3-number bbox is a finding).
     bbox: tuple[float, ...] | None = None
     area: float | None = None
+    iscrowd: Any = None  # any type: a `true` must not push the whole file off the typed path
 
 
 class _Category(msgspec.Struct, gc=False):
@@ -92,6 +93,10 @@ class Columns:
     area_bad: np.ndarray  # [N] bool: `area` present but NaN / Inf / not a number
     ann_is_object: np.ndarray  # [N] bool
     category_ids: np.ndarray  # [C] int64, the valid ones
+    # [K] bool per category record: an object with an integer id (None: all of them, the typed path)
+    category_record_ok: np.ndarray | None = None
+    raw_category_ids: dict[int, Any] = field(default_factory=dict)  # row -> id as written, bad rows only
+    ann_crowd: np.ndarray | None = None  # [N] bool: iscrowd set (truthy), as the training index reads it
     raw_image_ids: dict[int, Any] = field(default_factory=dict)  # row -> id as written, bad rows only
     raw_ann_ids: dict[int, Any] = field(default_factory=dict)
     raw_ann_image_ids: dict[int, Any] = field(default_factory=dict)
@@ -249,12 +254,15 @@ def _columns_from_typed(doc: _Document, literal_count: int) -> Columns:
     nan_rows = np.flatnonzero(np.isnan(areas))
     area_bad[nan_rows] = np.array([anns[i].area is not None for i in nan_rows.tolist()], dtype=bool)
     category_ids = np.array([c.id for c in cats if c.id is not None], dtype=np.int64)
+    category_record_ok = np.array([c.id is not None for c in cats], dtype=bool)
+    ann_crowd = np.array([bool(a.iscrowd) for a in anns], dtype=bool)
     return Columns(
         image_ids=image_ids, image_id_ok=image_id_ok, widths=widths, heights=heights,
         file_names=[im.file_name for im in images], image_is_object=np.ones(len(images), dtype=bool),
         ann_ids=ann_ids, ann_id_ok=ann_id_ok, ann_image_ids=ann_image_ids, ann_image_id_ok=ann_image_id_ok,
         ann_category_ids=ann_category_ids, ann_category_ok=ann_category_ok, boxes=boxes, box_ok=box_ok,
         area_bad=area_bad, ann_is_object=np.ones(len(anns), dtype=bool), category_ids=category_ids,
+        category_record_ok=category_record_ok, ann_crowd=ann_crowd,
         nonstandard_literals=literal_count, literal_image_rows=image_rows, literal_annotation_rows=annotation_rows,
         literals_in_columns=in_columns,
     )
@@ -332,7 +340,9 @@ def _columns_from_loose(doc: dict[str, Any], literal_count: int) -> Columns:
     ann_category_ids, ann_category_ok, raw_ann_category_ids = _loose_int_column(anns, "category_id", anns_objects)
     boxes, box_ok = _loose_boxes(anns, anns_objects)
     areas, area_present, area_wrong = _loose_float_column(anns, "area", anns_objects)
-    category_ids, cat_ok, _ = _loose_int_column(cats, "id", all(type(c) is dict for c in cats))
+    category_ids, cat_ok, raw_category_ids = _loose_int_column(cats, "id", all(type(c) is dict for c in cats))
+    cat_ok &= np.array([type(c) is dict for c in cats], dtype=bool)
+    ann_crowd = np.array([bool(v) for v in _field(anns, "iscrowd", anns_objects)], dtype=bool)
     file_names = _field(images, "file_name", images_objects)
     return Columns(
         image_ids=image_ids, image_id_ok=image_id_ok, widths=widths, heights=heights,
@@ -342,7 +352,8 @@ def _columns_from_loose(doc: dict[str, Any], literal_count: int) -> Columns:
         ann_category_ids=ann_category_ids, ann_category_ok=ann_category_ok, boxes=boxes, box_ok=box_ok,
         area_bad=area_wrong | (area_present & ~np.isfinite(areas)),
         ann_is_object=ann_is_object,
-        category_ids=category_ids[cat_ok],
+        category_ids=category_ids[cat_ok], category_record_ok=cat_ok, raw_category_ids=raw_category_ids,
+        ann_crowd=ann_crowd,
         raw_image_ids=raw_image_ids, raw_ann_ids=raw_ann_ids, raw_ann_image_ids=raw_ann_image_ids,
         raw_ann_category_ids=raw_ann_category_ids, nonstandard_literals=literal_count,
     )

@@ -42,8 +42,12 @@ FIX_SUMMARY = {
     "missing_image": "image and its annotations dropped",
     "unreadable_image": "image and its annotations dropped",
     "size_mismatch": "image and its annotations dropped",
+    "unsafe_path": "image and its annotations dropped",
     "constant_image": "kept",
+    "crowd_only_image": "kept (as background)",
+    "high_bit_depth": "kept (scaled to 8 bits)",
     "image_without_annotations": "kept",
+    "malformed_category": "category dropped",
 }
 
 
@@ -66,7 +70,12 @@ def _json_value(value: Any) -> Any:
 
 
 def _number(value: float) -> str:
-    return str(int(value)) if math.isfinite(value) and value == int(value) else repr(float(value))
+    """Compact: 12, 12.5, 1e+308 (not a 309-digit integer), nan, inf."""
+    if not math.isfinite(value):
+        return repr(float(value))
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.6g}"
 
 
 def _box_text(box: np.ndarray) -> str:
@@ -88,11 +97,13 @@ class AuditReport:
         min_size: float,
         image_facts: ImageFacts | None = None,
         document: dict[str, Any] | None = None,
+        cat_hits: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.path = Path(path)
         self.columns = columns
         self.ann_hits = ann_hits
         self.img_hits = img_hits
+        self.cat_hits = cat_hits or {}
         self.geometry = geometry
         self.plan = plan
         self.min_size = min_size
@@ -106,7 +117,7 @@ class AuditReport:
     @cached_property
     def by_check(self) -> dict[str, int]:
         """Every check that ran, in contract order, with its count (zeros included)."""
-        hits = {**self.ann_hits, **self.img_hits}
+        hits = {**self.ann_hits, **self.img_hits, **self.cat_hits}
         return {name: int(hits[name].size) for name in CHECKS if name in hits}
 
     def _count(self, severity: str) -> int:
@@ -156,10 +167,15 @@ class AuditReport:
         cols = self.columns
         return int(cols.image_ids[row]) if cols.image_id_ok[row] else _json_value(cols.raw_image_ids.get(row))
 
+    def _category_id(self, row: int) -> Any:
+        return _json_value(self.columns.raw_category_ids.get(row))
+
     def first_ids(self, name: str, limit: int = 5) -> list[Any]:
-        rows = {**self.ann_hits, **self.img_hits}[name][:limit].tolist()
+        rows = {**self.ann_hits, **self.img_hits, **self.cat_hits}[name][:limit].tolist()
         if CHECKS[name].target == "annotation":
             return [self._ann_id(row) for row in rows]
+        if CHECKS[name].target == "category":
+            return [self._category_id(row) for row in rows]
         return [self._image_id(row) for row in rows]
 
     # -- findings --------------------------------------------------------------------------------
@@ -217,8 +233,18 @@ class AuditReport:
         if name == "malformed_image":
             if not cols.image_is_object[row]:
                 return f"{where} is not a JSON object"
+            raw_id = cols.raw_image_ids.get(row)
+            if not cols.image_id_ok[row] and isinstance(raw_id, str):
+                return (f"{where}: id {raw_id!r} is a string; nanguard needs integer image ids, as COCO writes "
+                        "them (renumber the images and their annotations' image_id)")
             return (f"{where}: needs an integer id and finite positive width and height "
-                    f"(width={_number(cols.widths[row])}, height={_number(cols.heights[row])})")
+                    f"(id={_json_value(self._image_id(row))!r}, width={_number(cols.widths[row])}, "
+                    f"height={_number(cols.heights[row])})")
+        if name == "unsafe_path":
+            return (f"{where}: file_name {cols.file_names[row]!r} is absolute or leaves the image folder; "
+                    "not read (name files relative to the folder)")
+        if name == "crowd_only_image":
+            return f"{where}: every annotation of {cols.file_names[row]} is a crowd box (iscrowd=1); it trains as background"
         if name == "duplicate_image_id":
             return f"{where}: id {int(cols.image_ids[row])} is already used by an earlier image"
         if name == "image_without_annotations":
@@ -237,7 +263,18 @@ class AuditReport:
                     f"{_number(cols.widths[row])}x{_number(cols.heights[row])}")
         if name == "constant_image":
             return f"{file_name}: zero std in channel(s) {facts.constant_channels.get(row)}"
+        if name == "high_bit_depth":
+            return f"{file_name}: mode {facts.mode.get(row)} (more than 8 bits per pixel); scaled to 8 bits for training"
         return str(file_name)
+
+    def _category_message(self, row: int) -> str:
+        where = f"categories[{row}]"
+        if row not in self.columns.raw_category_ids:
+            return f"{where}: id missing"
+        raw = self.columns.raw_category_ids[row]
+        if raw is None:
+            return f"{where}: id missing (or the record is not a JSON object)"
+        return f"{where}: id {_json_value(raw)!r} is not an integer; COCO category ids are integers"
 
     def _img_fix(self, name: str, row: int) -> str:
         if self.plan.drop_image[row]:
@@ -264,6 +301,10 @@ class AuditReport:
                 for row in self.img_hits[name].tolist():
                     out.append(Finding(name, check.severity, self._image_id(row), None,
                                        self._img_message(name, row), self._img_fix(name, row)))
+            elif check.target == "category" and name in self.cat_hits:
+                for row in self.cat_hits[name].tolist():
+                    out.append(Finding(name, check.severity, None, None, self._category_message(row),
+                                       "category dropped"))
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -47,6 +47,24 @@ class CocoIndex:
         return len(self.category_ids)
 
 
+def escapes_folder(file_name: str) -> bool:
+    """True when `file_name`, joined to an image folder, would name a file outside it: an absolute path
+    (POSIX, or a Windows drive / UNC path) or one whose `..` parts climb above the folder."""
+    if file_name.startswith(("/", "\\")) or (len(file_name) > 1 and file_name[1] == ":"):
+        return True
+    if ".." not in file_name:
+        return False
+    depth = 0
+    for part in file_name.replace("\\", "/").split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
 def read_coco_json(path: str | Path) -> dict[str, Any]:
     """Read a COCO detection file; Python's NaN/Infinity literals are accepted (the audit reports them)."""
     path = Path(path)
@@ -82,6 +100,7 @@ def build_index(document: dict[str, Any], ann_file: str | Path, image_dir: str |
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: no such image folder; check data.*_images or data.root")
     check_coco_document(document, ann_file)
+    check_records(document, ann_file)
     categories = sorted(document["categories"], key=lambda c: c["id"])
     names = {c["id"]: str(c.get("name", c["id"])) for c in categories}
     if category_ids is None:
@@ -106,9 +125,9 @@ def build_index(document: dict[str, Any], ann_file: str | Path, image_dir: str |
             ann_ids.append(ann.get("id"))
         records.append(ImageRecord(
             image_id=image["id"],
-            path=image_dir / str(image["file_name"]),
-            width=int(image.get("width", 0) or 0),
-            height=int(image.get("height", 0) or 0),
+            path=image_dir / image["file_name"],
+            width=int(image.get("width") or 0),
+            height=int(image.get("height") or 0),
             boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
             labels=np.asarray(labels, dtype=np.int64),
             annotation_ids=tuple(ann_ids),
@@ -117,6 +136,52 @@ def build_index(document: dict[str, Any], ann_file: str | Path, image_dir: str |
         raise UserError(f"{ann_file}: has no images; nothing to train or evaluate on")
     return CocoIndex(tuple(records), tuple(category_ids),
                      tuple(names.get(c, str(c)) for c in category_ids), ann_file, image_dir)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_size(value: Any) -> bool:
+    """A width / height the index can use: absent, or a finite number (the audit judges its value)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and math.isfinite(value))
+
+
+def check_records(document: dict[str, Any], ann_file: Path | str) -> None:
+    """The record fields the index itself relies on; with data.audit=off (and for the validation split)
+    nothing else has looked at them. `UserError` naming the file, the record and the fix."""
+    fix = (f"fix the record, or write a copy without such records with `nanguard audit {ann_file} --fix CLEAN.json` "
+           "(training with data.audit=drop does that in memory)")
+    for row, category in enumerate(document["categories"]):
+        if not isinstance(category, dict) or not _is_integer(category.get("id")):
+            got = category.get("id") if isinstance(category, dict) else category
+            raise UserError(f"{ann_file}: categories[{row}] has no integer id (got {got!r}); {fix}")
+    for row, image in enumerate(document["images"]):
+        if not isinstance(image, dict):
+            raise UserError(f"{ann_file}: images[{row}] is not a JSON object; {fix}")
+        # pycocotools takes any hashable id; so does the index (a string id works with data.audit=off)
+        image_id = image.get("id")
+        if image_id is None or isinstance(image_id, (bool, float, list, dict)):
+            raise UserError(f"{ann_file}: images[{row}] has no usable id (got {image_id!r}); ids are integers; {fix}")
+        for key in ("width", "height"):
+            if not _is_size(image.get(key)):
+                raise UserError(f"{ann_file}: images[{row}] (id {image_id!r}) has {key}={image[key]!r}, not a number; {fix}")
+        name = image.get("file_name")
+        if not isinstance(name, str) or not name:
+            raise UserError(f"{ann_file}: images[{row}] (id {image_id!r}) has no file_name; {fix}")
+        if escapes_folder(name):
+            raise UserError(f"{ann_file}: images[{row}] (id {image_id!r}) file_name {name!r} is absolute or leaves "
+                            f"the image folder; nanguard reads only files inside it; {fix}")
+    for row, ann in enumerate(document["annotations"]):
+        if not isinstance(ann, dict):
+            raise UserError(f"{ann_file}: annotations[{row}] is not a JSON object; {fix}")
+        for key in ("id", "image_id"):
+            if ann.get(key) is None or isinstance(ann[key], (bool, float, list, dict)):
+                raise UserError(f"{ann_file}: annotations[{row}] has no usable {key} (got {ann.get(key)!r}); {fix}")
+        if not _is_box(ann.get("bbox")):  # NaN / Inf are numbers: with data.audit=off they reach the model
+            raise UserError(f"{ann_file}: annotations[{row}] (id {ann['id']!r}) has bbox={ann.get('bbox')!r}, not a "
+                            f"list of 4 numbers [x, y, width, height]; {fix}")
 
 
 def _is_box(bbox: Any) -> bool:

@@ -154,10 +154,32 @@ class BatchSampler:
         self._orders = {}
 
 
+# Modes that hold more than 8 bits per pixel: Pillow's convert("RGB") clips them at 255, which turns a
+# 16-bit PNG (0..65535) all but white.
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
 def load_image(path) -> np.ndarray:
-    """[H, W, 3] uint8. Raises OSError/ValueError on a missing or undecodable file."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    """[H, W, 3] uint8. Raises OSError/ValueError on a missing or undecodable file (a decompression
+    bomb too). 16-bit images are scaled to 8 bits (65535 -> 255), not clipped."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in WIDE_MODES:
+                return _wide_to_rgb8(image)
+            return np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as exc:  # not an OSError: callers would not catch it
+        raise ValueError(str(exc)) from None
+
+
+def _wide_to_rgb8(image: Image.Image) -> np.ndarray:
+    pixels = np.asarray(image).astype(np.float64)
+    peak = float(np.nanmax(pixels)) if pixels.size and not np.isnan(pixels).all() else 0.0
+    if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
+        pixels = pixels / 257.0  # a 16-bit range (Pillow opens some 16-bit files as "I")
+    elif image.mode == "F" and peak <= 1.0:
+        pixels = pixels * 255.0  # float pixels in [0, 1]
+    gray = np.clip(np.rint(np.nan_to_num(pixels)), 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
 
 
 class ImageCache:

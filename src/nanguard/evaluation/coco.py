@@ -39,6 +39,33 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(line.format(metrics[name]) for line, name in zip(_LINES, STAT_NAMES))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer_image_ids(gt_document: dict[str, Any], detections: list[dict[str, Any]], image_ids: list | None):
+    """faster-coco-eval takes int(image id), which fails on "img_001"; pycocotools (and the index) take
+    any id. Where an id is not an integer, every image id is renumbered 1..n, on copies, consistently in
+    the ground truth, the detections and `image_ids`; the metrics do not depend on the numbering."""
+    images, annotations = gt_document["images"], gt_document["annotations"]
+    if all(_is_int(image["id"]) for image in images) and all(_is_int(a["image_id"]) for a in annotations):
+        return gt_document, detections, image_ids
+    number: dict[Any, int] = {}
+    for image_id in [image["id"] for image in images] + [a["image_id"] for a in annotations]:
+        number.setdefault(image_id, len(number) + 1)
+
+    def renumbered(image_id: Any) -> int:
+        return number.setdefault(image_id, len(number) + 1)
+
+    gt = dict(gt_document)
+    gt["images"] = [{**image, "id": renumbered(image["id"])} for image in images]
+    gt["annotations"] = [{**a, "image_id": renumbered(a["image_id"])} for a in annotations]
+    detections = [{**d, "image_id": renumbered(d["image_id"])} for d in detections]
+    if image_ids is not None:
+        image_ids = [renumbered(i) for i in image_ids]
+    return gt, detections, image_ids
+
+
 def evaluate_boxes(gt_document: dict[str, Any], detections: list[dict[str, Any]],
                    image_ids: list | None = None) -> tuple[dict[str, Any], str]:
     """mAP of `detections` against the ground truth `gt_document` (a COCO dict). `image_ids` limits the
@@ -46,6 +73,7 @@ def evaluate_boxes(gt_document: dict[str, Any], detections: list[dict[str, Any]]
     from faster_coco_eval import COCO, COCOeval_faster  # imported here: only eval needs it
 
     finite = [d for d in detections if all(math.isfinite(v) for v in (*d["bbox"], d["score"]))]
+    gt_document, finite, image_ids = _integer_image_ids(gt_document, finite, image_ids)
     gt = copy.copy(gt_document)
     gt.setdefault("info", {})
     gt.setdefault("licenses", [])

@@ -70,8 +70,10 @@ class Backend(Protocol):
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Read a checkpoint safely (no code execution); UserError for a damaged or foreign file."""
 
-    def predict(self, index: CocoIndex, *, batch_size: int, max_images: int = 0) -> list[dict[str, Any]]:
-        """COCO-format detections (xywh, the dataset's category ids) for the images of `index`."""
+    def predict(self, index: CocoIndex, *, batch_size: int, max_images: int = 0,
+                skipped: list | None = None) -> list[dict[str, Any]]:
+        """COCO-format detections (xywh, the dataset's category ids) for the images of `index`; the ids
+        of images the model cannot take (a warning line each) are appended to `skipped`."""
 
     def weights_finite(self) -> bool: ...
 

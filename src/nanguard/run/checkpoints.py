@@ -55,6 +55,7 @@ class Checkpoints:
         """The newest checkpoint that loads and holds every part (None: the run saved none yet). A
         fallback always says so on stderr, --quiet or not: the user loses steps."""
         found = list_checkpoints(self.run_dir, self.suffix)
+        first_problem = None
         for _, path in reversed(found):
             try:
                 state = self.backend.load_checkpoint(path)
@@ -62,17 +63,22 @@ class Checkpoints:
                 if missing:
                     raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
             except UserError as err:
+                first_problem = first_problem or str(err).split("; ")[0]
                 aside = path.with_name(path.name + ".damaged")
+                for n in range(1, 1000):  # an earlier damaged copy of the same step is kept too
+                    if not aside.exists():
+                        break
+                    aside = path.with_name(f"{path.name}.damaged.{n}")
                 try:
                     path.rename(aside)
-                except OSError:
-                    aside = path
-                print(f"nanguard: {err} -- kept aside as {aside.name}; resuming from an older checkpoint",
-                      file=sys.stderr)
+                    where = f"kept aside as {aside.name}"
+                except OSError as exc:
+                    where = f"left in place (cannot rename it: {(exc.strerror or type(exc).__name__).lower()})"
+                print(f"nanguard: warning: {err} -- {where}; using an older checkpoint", file=sys.stderr)
                 continue
             self.loaded_from = path
             return state
         if found:
-            raise UserError(f"{checkpoint_dir(self.run_dir)}: no checkpoint loads (all {len(found)} damaged, kept "
-                            "aside as *.damaged); start a new run with --out")
+            raise UserError(f"{checkpoint_dir(self.run_dir)}: none of its {len(found)} checkpoint(s) loads "
+                            f"({first_problem}; each kept aside as *.damaged); start a new run with --out")
         return None

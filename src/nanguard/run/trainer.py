@@ -228,12 +228,11 @@ def _io_errors_name_the_path(folder: RunFolder):
 def evaluate_run(cfg: Config, backend: Backend, paths: DataPaths, category_ids, quiet: bool,
                  folder: RunFolder | None) -> dict[str, Any]:
     """mAP on the validation split; the 12-line table on stderr, eval.json in the run folder."""
-    from nanguard.evaluation.coco import evaluate_boxes
+    from nanguard.run.evaluate import evaluate
 
     val_index, document = validation_data(paths, category_ids)
-    detections = backend.predict(val_index, batch_size=cfg.eval.batch_size, max_images=cfg.eval.max_images)
-    image_ids = [r.image_id for r in val_index.records[:cfg.eval.max_images]] if cfg.eval.max_images else None
-    metrics, table = evaluate_boxes(document, detections, image_ids)
+    metrics, table, _ = evaluate(backend, val_index, document, batch_size=cfg.eval.batch_size,
+                                 max_images=cfg.eval.max_images)
     if not quiet:
         print(table, file=sys.stderr)
     if folder is not None:

@@ -145,8 +145,10 @@ class TorchBackend:
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         return ckpt.load_checkpoint(path)
 
-    def predict(self, index: CocoIndex, *, batch_size: int, max_images: int = 0) -> list[dict[str, Any]]:
-        return predict(self.model, index, batch_size=batch_size, device=self.device, max_images=max_images)
+    def predict(self, index: CocoIndex, *, batch_size: int, max_images: int = 0,
+                skipped: list | None = None) -> list[dict[str, Any]]:
+        return predict(self.model, index, batch_size=batch_size, device=self.device, max_images=max_images,
+                       skipped=skipped)
 
     def weights_finite(self) -> bool:
         return bool(all(torch.isfinite(p).all() for p in self.model.parameters()))  # sync-ok: end of run

@@ -3,8 +3,8 @@
 A checkpoint is a dict of tensors and plain data (what `nanguard.run.trainer` declares: the run's
 counters, the data cursor, the backend's parts, the config, the category ids) plus a `format` marker.
 It is written to a temp file, fsynced and renamed, so a process killed mid-write leaves the previous
-checkpoints intact and no torn file under a checkpoint's name. Which file to write or read is the run's
-business (`nanguard.run.checkpoints`).
+checkpoints intact and no torn file under a checkpoint's name. Which file to write or read, and the
+fallback past a damaged one, are the run's business (`nanguard.run.checkpoints`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from nanguard.backends.torch.model import read_tensor_file
+from nanguard.backends.torch.model import tensor_file_problem
 from nanguard.errors import UserError
 from nanguard.fileio import atomic_write
 
@@ -26,7 +26,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    state = read_tensor_file(Path(path), "the checkpoint path")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file; pass a run folder or checkpoints/step_*.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise UserError(f"{path}: not a readable checkpoint ({tensor_file_problem(exc)}); use a file written by "
+                        "`nanguard train`") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not a nanguard checkpoint of this version (no '{FORMAT}' marker); for plain "
                         "weights use model.weights=PATH")

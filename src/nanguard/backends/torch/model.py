@@ -17,6 +17,7 @@ zero-width box that slipped past the audit turns the regression target into -inf
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -144,7 +145,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local state_dict (a nanguard checkpoint or torchvision's file). Tensors whose shapes differ
-    (a classifier for another number of classes) are left at their random init."""
+    (a classifier for another number of classes) are left at their random init; how many loaded goes to
+    stderr. A file that leaves most of the backbone random (a `tiny` checkpoint for `resnet50_fpn`) is
+    refused: it would train from scratch while the user believes it starts from the weights."""
     path = Path(path)
     state = read_tensor_file(path, "model.weights")
     if isinstance(state, dict) and isinstance(state.get("backend"), dict):
@@ -158,16 +161,37 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if not usable:
         raise UserError(f"{path}: none of its tensors fit model '{type(model).__name__}'; "
                         "is it a checkpoint for another architecture (model.name)?")
+    backbone = [k for k in own if k.startswith("backbone.")]
+    backbone_loaded = sum(1 for k in backbone if k in usable)
+    if backbone and backbone_loaded < len(backbone) / 2:
+        raise UserError(f"{path}: only {backbone_loaded} of the model's {len(backbone)} backbone tensors fit; "
+                        "it is a checkpoint for another model.name (or another layout): pick the matching "
+                        "model.name or other weights")
     model.load_state_dict(usable, strict=False)
+    print(f"model.weights: loaded {len(usable)} of the model's {len(own)} tensors from {path} "
+          f"({backbone_loaded} of {len(backbone)} backbone, {len(own) - len(usable)} left at random init)",
+          file=sys.stderr)
 
 
 def read_tensor_file(path: Path, what: str):
     """torch.load with weights_only=True; any failure is the user's file, reported on one line."""
     if not path.exists():
         raise UserError(f"{path}: no such file; check {what}")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a file; check {what}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
-        raise UserError(f"{path}: not a readable checkpoint ({reason}); use a file written by "
+        raise UserError(f"{path}: not a readable checkpoint ({tensor_file_problem(exc)}); use a file written by "
                         "`nanguard train` or torch.save(state_dict)") from None
+
+
+def tensor_file_problem(exc: BaseException) -> str:
+    """A short, whole reason why torch.load failed (torch's own text is paragraphs long)."""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, OSError):
+        return (exc.strerror or exc.__class__.__name__).lower()
+    if "can still be loaded" in str(exc):  # weights_only met a pickled Python object
+        return "it holds Python objects, not only tensors; weights_only=True refuses them"
+    return "truncated or not a torch file"

@@ -79,10 +79,14 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
+def image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """[H, W, 3] uint8 (possibly a read-only view of the loader's cache) -> [3, H, W] float32 in [0, 1]."""
+    return torch.from_numpy(np.array(image, copy=True)).to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0)
+
+
 def to_tensors(batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """images: [3, H, W] float32 in [0, 1]; targets: boxes [N, 4] xyxy float32, labels [N] int64."""
-    images = [torch.from_numpy(np.array(image, copy=True)).to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0)
-              for image in batch.images]
+    images = [image_tensor(image, device) for image in batch.images]
     targets = [{"boxes": torch.from_numpy(boxes).to(device), "labels": torch.from_numpy(labels).to(device)}
                for boxes, labels in zip(batch.boxes, batch.labels)]
     return images, targets
