@@ -92,8 +92,7 @@ def train_plain(cfg, paths, steps: int, device) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from nanguard.backends.torch.data import validation_data
-    from nanguard.backends.torch.evaluate import evaluate
+    from nanguard.run.data import validation_data
     from nanguard.data.coco import build_index, read_coco_json
     from nanguard.data.loader import load_image
 
@@ -146,7 +145,10 @@ def train_plain(cfg, paths, steps: int, device) -> dict[str, Any]:
 
     val_index, document = validation_data(paths, index.category_ids)
     started = time.perf_counter()
-    metrics, _, _ = evaluate(model, val_index, document, batch_size=cfg.eval.batch_size, device=device)
+    from nanguard.backends.torch.evaluate import predict
+    from nanguard.evaluation.coco import evaluate_boxes
+
+    metrics, _ = evaluate_boxes(document, predict(model, val_index, batch_size=cfg.eval.batch_size, device=device))
     return {"decode_seconds": round(decode_seconds, 3), "train_seconds": round(train_seconds, 3),
             "eval_seconds": round(time.perf_counter() - started, 3), "steps": steps,
             "nonfinite_losses": nonfinite, "mAP50": metrics["mAP50"], "mAP": metrics["mAP"]}

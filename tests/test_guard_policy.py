@@ -441,3 +441,19 @@ def test_an_all_bad_stream_stops_within_a_bound(kinds):
         if decision.action == "stop":
             break
     assert decision.action == "stop" and step < bound
+
+
+def test_verdicts_read_the_loss_profile_not_a_fixed_detector():
+    """The Faster R-CNN names are a named profile: a classifier loop with two components gets the
+    all-components verdict under the generic profile, and no box advice."""
+    both = {"loss_a": NAN, "loss_b": NAN}
+    config = PolicyConfig(loss_profile="generic", backoff_after=50, rollback_after=50)
+    _, state = run([bad(s, losses=both, image_ids=(s,)) for s in range(6)], config)
+    assert "every loss component non-finite" in explain(state, config)
+    box_only = [bad(s, losses={"loss_box_reg": NAN, "loss_classifier": 0.3}, image_ids=(s,)) for s in range(6)]
+    _, state = run(box_only, PolicyConfig(backoff_after=50, rollback_after=50))
+    assert "degenerate or non-finite boxes" in explain(state)
+    _, state = run(box_only, config)
+    assert "boxes" not in explain(state, config)
+    with pytest.raises(UserError, match="policy.loss_profile"):
+        PolicyConfig(loss_profile="yolo")

@@ -559,7 +559,6 @@ def test_real_torch_save_on_a_full_disk_names_the_cause(tmp_path, monkeypatch):
     import torch
 
     import nanguard.fileio as fileio
-    from nanguard.backends.torch import checkpoint as ckpt
     from nanguard.errors import UserError
 
     real_fdopen = os.fdopen

@@ -21,7 +21,7 @@ from conftest import REPO, checkpoint_steps, newest_checkpoint, tiny_args
 from nanguard.cli import main
 
 STEPS = 10
-COMMON = [f"train.steps={STEPS}", "train.checkpoint_every=2", "train.eval_at_end=false"]
+COMMON = [f"train.steps={STEPS}", "train.checkpoint_every=2", "train.eval_at_end=false", "policy.snapshot_confirm=1"]
 
 # Runs nanguard in a child that SIGKILLs itself halfway through writing its second checkpoint.
 TORN_WRITE = """

@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1600  # the demo: ~7 minutes on a 2-core CPU
+    steps: int = 1600  # the demo's length (see README for its time on a 2-core CPU)
     batch_size: int = 8
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     fused: bool = True  # fused optimizers take the guard's found_inf: a masked update for free
@@ -104,7 +104,7 @@ class Config:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The CPU default: the tiny model on the generated shapes, ~9 minutes on a 2-core CPU.
+    # The CPU default: the tiny model on the generated shapes (its time on a 2-core CPU: README).
     "demo": {},
     # torchvision's ResNet-50-FPN recipe scaled for one GPU: 800 px, bf16. Point data.* at COCO 2017.
     "coco_r50": {

@@ -17,6 +17,7 @@ import numpy as np
 
 from nanguard.audit.checks import CHECKS, ERROR, EXTREME_ASPECT_RATIO, WARNING, Geometry
 from nanguard.audit.fix import KEPT, FixPlan
+from nanguard.fileio import json_safe
 from nanguard.audit.images import ImageFacts
 from nanguard.audit.load import Columns
 
@@ -62,8 +63,8 @@ class Finding:
 
 
 def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan", "inf", "-inf": allow_nan=False output
+    if isinstance(value, float):
+        return json_safe(value)  # "nan", "inf", "-inf": allow_nan=False output
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)

@@ -191,5 +191,4 @@ def _is_box(bbox: Any) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
 
 
-def is_finite_box(bbox: Any) -> bool:
-    return _is_box(bbox) and all(math.isfinite(v) for v in bbox)
+

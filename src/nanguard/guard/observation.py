@@ -11,14 +11,22 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+@dataclass(frozen=True)
+class LossProfile:
+    """What the guard knows of a model's loss components: their names in report order, and which of
+    them regress boxes (non-finite there points at the annotations). Nothing else assumes a detector."""
+
+    name: str
+    components: tuple[str, ...]
+    box_components: tuple[str, ...] = ()
+
+
 # The detection profile: the loss components of a two-stage detector (torchvision's and detectron2's
-# names), in the order reports list them. Other loops report whatever components they have.
-LOSS_COMPONENTS: tuple[str, ...] = (
-    "loss_objectness",
-    "loss_rpn_box_reg",
-    "loss_classifier",
-    "loss_box_reg",
-)
+# names). Other loops report whatever components they have and take the "generic" profile.
+FASTER_RCNN = LossProfile("faster_rcnn", ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"),
+                          box_components=("loss_rpn_box_reg", "loss_box_reg"))
+PROFILES: dict[str, LossProfile] = {p.name: p for p in (FASTER_RCNN, LossProfile("generic", ()))}
+LOSS_COMPONENTS: tuple[str, ...] = FASTER_RCNN.components
 
 # The numbers of one step that a backend packs, after the loss components, into one small device
 # vector and copies to the host without blocking (`Observation.from_vector` unpacks it). Flags are

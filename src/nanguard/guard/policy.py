@@ -47,7 +47,7 @@ from typing import Any
 
 from nanguard.errors import UserError
 from nanguard.fileio import json_safe
-from nanguard.guard.observation import CORRUPTION_KINDS, DATA_KINDS, NOTE_KINDS, Observation
+from nanguard.guard.observation import CORRUPTION_KINDS, DATA_KINDS, NOTE_KINDS, PROFILES, Observation
 
 # Weakest first: a decision's action is the strongest thing it asks for; its other fields
 # (lr_factor, quarantine, confirm_snapshot) must be applied whatever the action.
@@ -74,6 +74,7 @@ class PolicyConfig:
     max_rollbacks: int = 3
     quarantine_after: int = 2  # bad steps implicating an image -> quarantine it
     min_loss_scale: float = 1.0  # fp16 loss scale below it -> incident loss_scale_floor
+    loss_profile: str = "faster_rcnn"  # what the verdicts know of the loss components (observation.PROFILES)
 
     def __post_init__(self) -> None:
         positive_ints = ("backoff_after", "recover_steps", "rollback_after", "snapshot_every",
@@ -86,6 +87,9 @@ class PolicyConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UserError(f"policy.{name} must be an integer >= 0, got {value!r}")
+        if self.loss_profile not in PROFILES:
+            raise UserError(f"policy.loss_profile={self.loss_profile!r} is unknown; choose one of "
+                            f"{', '.join(PROFILES)}")
         if not 0.0 < self.backoff_factor < 1.0:
             raise UserError(f"policy.backoff_factor must be in (0, 1), got {self.backoff_factor!r}")
         if not 0.0 < self.min_lr_factor <= 1.0:
@@ -445,11 +449,13 @@ def explain(state: PolicyState, config: PolicyConfig | None = None) -> str:
         component, count = component_counts.most_common(1)[0]
         where = (f"across {len(images)} images" if len(images) > 5 else
                  f"in only {len(images)} image(s) ({', '.join(map(str, sorted(images, key=str)))})")
-        if len(component_counts) == 4 and all(c >= half for c in component_counts.values()):
+        profile = PROFILES[config.loss_profile]
+        every = set(profile.components) or set(component_counts)
+        if len(every) > 1 and every <= set(component_counts) and all(c >= half for c in component_counts.values()):
             return (f"every loss component non-finite in {window} {where}: the input images "
                     f"probably contain NaN/Inf pixels or the normalisation divides by zero — run "
                     f"`nanguard audit` on the dataset")
-        if component in ("loss_box_reg", "loss_rpn_box_reg"):
+        if component in profile.box_components:
             return (f"{component} non-finite in {count} of the last {config.skip_window} steps "
                     f"{where}: the data probably has degenerate or non-finite boxes — run "
                     f"`nanguard audit` on the dataset (with --fix) and train on the cleaned "

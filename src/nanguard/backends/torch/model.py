@@ -127,11 +127,10 @@ def build_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
         anchors = AnchorGenerator(sizes=((32, 64, 128, 256, 512),) * 3, aspect_ratios=((0.5, 1.0, 2.0),) * 3)
         model = FasterRCNN(backbone, rpn_anchor_generator=anchors, **common)
     elif cfg.name == "resnet50_fpn":
-        norm = nn.BatchNorm2d if cfg.trainable_bn else None
-        trunk = resnet50(weights=None, norm_layer=norm) if norm else resnet50(weights=None)
-        if norm is None:  # torchvision's recipe: frozen BN (meaningful with pretrained weights only)
-            from torchvision.ops.misc import FrozenBatchNorm2d
-            trunk = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+        # trainable BN from random init; torchvision's recipe (frozen BN) is meaningful with pretrained weights
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        trunk = resnet50(weights=None, norm_layer=nn.BatchNorm2d if cfg.trainable_bn else FrozenBatchNorm2d)
         backbone = _resnet_fpn_extractor(trunk, trainable_layers=5)
         model = FasterRCNN(backbone, **common)
     else:  # the config's Literal type already rejects this; kept for direct callers
