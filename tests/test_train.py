@@ -62,7 +62,7 @@ def test_keep_checkpoints_and_eval(shapes, tmp_path):
     final = json.loads((out / "final.json").read_text())
     assert {"mAP", "mAP50", "mAP75"} <= final.keys()
     detections = tmp_path / "dets.json"
-    assert main(["eval", str(out), "--quiet", "--detections", str(detections)]) == 0
+    assert main(["eval", str(out), "--quiet", "--detections", str(detections), "model.box_score_thresh=0"]) == 0
     evaluated = json.loads((out / "eval.json").read_text())
     assert evaluated["step"] == 6 and evaluated["mAP"] == final["mAP"]
     dets = json.loads(detections.read_text())

@@ -63,11 +63,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1600  # the demo's length (see README for its time on a 2-core CPU)
+    steps: int = 1800  # the demo's length (its measured time on a 2-core CPU: README)
     batch_size: int = 8
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     fused: bool = True  # fused optimizers take the guard's found_inf: a masked update for free
-    lr: float = 0.02
+    lr: float = 0.04  # the demo, 800-step proxies of the stride-4 tiny: mAP50 0.80 at 0.04, 0.73 at 0.02
     momentum: float = 0.9
     weight_decay: float = 4e-5
     warmup_steps: int = 100
