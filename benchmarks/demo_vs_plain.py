@@ -160,12 +160,15 @@ def train_plain(cfg, paths, steps: int, device) -> dict[str, Any]:
 
 def train_nanguard(cfg, steps: int, device, workdir: Path) -> dict[str, Any]:
     """`nanguard train` with `cfg` in a fresh run folder; its final.json, plus the wall seconds."""
-    from nanguard.backends.torch.train import train
+    from nanguard.backends.torch.backend import TorchBackend
+    from nanguard.config import dump_yaml
+    from nanguard.run.folder import RunFolder
+    from nanguard.run.trainer import train
 
     run_dir = workdir / f"nanguard-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True)
     started = time.perf_counter()
-    final = train(cfg, run_dir, resuming=False, device=device, quiet=True)
+    with RunFolder.create(run_dir, dump_yaml(cfg)) as folder:
+        final = train(cfg, folder, TorchBackend(device), resuming=False, quiet=True)
     return {"train_seconds": final["train_seconds"], "wall_seconds": round(time.perf_counter() - started, 3),
             "steps": final["steps"], "status": final["status"], "skipped_steps": final.get("skipped_steps"),
             "incidents": final.get("incidents"), "mAP50": final["mAP50"], "mAP": final["mAP"],
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from nanguard.backends.torch.data import resolve_data
+    from nanguard.run.data import resolve_data
     from nanguard.config import load_config
 
     if args.threads:

@@ -57,12 +57,13 @@ def test_run_folder_and_exact_resume(shapes, tmp_path):
 def test_keep_checkpoints_and_eval(shapes, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--quiet", "--out", str(out), "--steps", "6", *tiny_args(shapes),
-                 "train.checkpoint_every=1", "train.keep_checkpoints=2", "policy.snapshot_confirm=1"]) == 0
+                 "train.checkpoint_every=1", "train.keep_checkpoints=2", "policy.snapshot_confirm=1",
+                 "model.box_score_thresh=0"]) == 0  # 6 steps: scores under the default 0.01
     assert checkpoint_steps(out) == [5, 6]
     final = json.loads((out / "final.json").read_text())
     assert {"mAP", "mAP50", "mAP75"} <= final.keys()
     detections = tmp_path / "dets.json"
-    assert main(["eval", str(out), "--quiet", "--detections", str(detections), "model.box_score_thresh=0"]) == 0
+    assert main(["eval", str(out), "--quiet", "--detections", str(detections)]) == 0
     evaluated = json.loads((out / "eval.json").read_text())
     assert evaluated["step"] == 6 and evaluated["mAP"] == final["mAP"]
     dets = json.loads(detections.read_text())
