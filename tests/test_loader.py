@@ -198,5 +198,5 @@ def test_bad_annotation_files(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(UserError, match=message):
         read_coco_json(path)
-    with pytest.raises(UserError, match="no such annotation file"):
+    with pytest.raises(UserError, match="missing.json: no such file"):
         read_coco_json(tmp_path / "missing.json")

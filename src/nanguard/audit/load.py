@@ -396,6 +396,14 @@ def load(path: str | Path, *, keep_document: bool = False) -> Loaded:
         return _load(Path(path), keep_document)
 
 
+def read_document(path: str | Path) -> dict[str, Any]:
+    """The whole COCO dict (NaN / Infinity literals as floats) without the audit's columns: what training
+    and evaluation read. `UserError` for a file that is missing, unreadable, not JSON or not COCO."""
+    path = Path(path)
+    with _gc_paused():
+        return _check_document(path, _decode_full(path, has_literals=False))
+
+
 def _load(path: Path, keep_document: bool) -> Loaded:
     typed, count = _decode_typed(path)
     if typed is not None and None not in (typed.images, typed.annotations, typed.categories):

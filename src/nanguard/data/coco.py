@@ -8,7 +8,6 @@ references do; images with no boxes stay (they teach the background).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,20 +65,12 @@ def escapes_folder(file_name: str) -> bool:
 
 
 def read_coco_json(path: str | Path) -> dict[str, Any]:
-    """Read a COCO detection file; Python's NaN/Infinity literals are accepted (the audit reports them)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such annotation file; check the path (data.*_ann)")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, not a COCO json file; point at annotations/instances_*.json")
-    try:
-        with open(path, "rb") as handle:
-            document = json.load(handle)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise UserError(f"{path}: not valid JSON{where} (truncated?); re-export the annotation file") from None
+    """Read a COCO detection file with the audit's reader (there is one): NaN / Infinity literals are
+    accepted as floats (the audit reports them); a missing, unreadable, truncated or non-COCO file is a
+    `UserError` naming it."""
+    from nanguard.audit.load import read_document  # lazy: the audit's checks import this module
+
+    document = read_document(path)
     check_coco_document(document, path)
     return document
 
