@@ -102,3 +102,14 @@ def test_demo_vs_plain_smoke(tmp_path):
     assert result["results"]["nanguard"]["status"] == "completed"
     assert result["ratio_step_seconds"] > 0
     assert "nanguard/plain s/step" in stdout
+
+
+def test_diagnosis_accuracy_smoke(tmp_path):
+    out = tmp_path / "diagnosis_accuracy.json"
+    stdout = run_benchmark("diagnosis_accuracy", "--kinds", "grad_nan", "--steps-at", "3", "--seeds", "0",
+                           "--no-real", "--clean-steps", "4", "--clean-rounds", "1", "--plain-table",
+                           "--json-out", str(out))
+    result = read(out)
+    assert [(s["kind"], s["verdict"], s["right"]) for s in result["scenarios"]] == [("grad_nan", "transient", True)]
+    assert result["overall_accuracy"] == 1.0 and result["clean_run"]["ratio_first_over_off"] > 0
+    assert "diagnosis accuracy" in stdout

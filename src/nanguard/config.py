@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from nanguard.errors import UserError
+from nanguard.explain.config import ExplainConfig
 from nanguard.guard.config import GuardConfig
 from nanguard.guard.policy import PolicyConfig
 
@@ -98,6 +99,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -318,6 +320,9 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "guard.spike_min_ratio": (1, None, True, False),  # a spike is above the median, never below it
     "eval.batch_size": _POSITIVE,
     "eval.max_images": _AT_LEAST_0,  # 0 = the whole split
+    "explain.ring": (2, None, True, False),  # the bad step and the one after it, at least
+    "explain.keep": _AT_LEAST_0,
+    "explain.replays": _POSITIVE,
 }
 
 

@@ -42,9 +42,11 @@ class TrainProgress:
             text = f"{loss:.3f}" if math.isfinite(loss) else str(loss)
             self._progress.update(self._task, loss=text, rate=f"{rate:.1f}")
 
-    def incident(self, step: int, decision: Any) -> None:
+    def incident(self, step: int, decision: Any, diagnosis: Any = None) -> None:
         self._incidents += 1
         if self._progress is not None:
             self._progress.update(self._task, incidents=self._incidents)
             kinds = ",".join(decision.kinds)
             self._progress.console.print(f"[yellow]step {step}: {kinds} -> {decision.action}[/]: {decision.reason}")
+            if diagnosis is not None:
+                self._progress.console.print(f"[cyan]{diagnosis.line(step)}[/]", highlight=False)

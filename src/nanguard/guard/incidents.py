@@ -20,6 +20,9 @@ One line per bad step (an incident), written when the policy has decided on it:
                     (-1: the state before the first step); null otherwise
     batch           {"epoch", "position"} of the step's batch (the loader rebuilds it), or null
     invalid_targets [{"image_id", "annotation_id", "why"}] target boxes dropped from the step
+    diagnosis       (written by the trainer) null or the verdict of `nanguard.explain`: verdict,
+                    reproduced, phase, first_op, module, loss_component, image_ids, annotation_ids,
+                    evidence, advice, seconds
 
 Healthy steps and observations the policy ignored (lag after a rollback) are not written.
 """
@@ -77,6 +80,7 @@ class _Counters:
         self.quarantined: list[Any] = []
         self.stopped = False
         self.verdict: str | None = None
+        self.diagnoses: Counter[str] = Counter()
 
     def count(self, record: dict[str, Any]) -> None:
         self.incidents += 1
@@ -89,6 +93,8 @@ class _Counters:
         if record["action"] == "stop":
             self.stopped = True
             self.verdict = record.get("verdict")
+        if record.get("diagnosis"):
+            self.diagnoses[record["diagnosis"]["verdict"]] += 1
         for image_id in record.get("quarantined") or []:
             if image_id not in self.quarantined:
                 self.quarantined.append(image_id)
@@ -104,6 +110,7 @@ class _Counters:
             "quarantined": list(self.quarantined),
             "stopped": self.stopped,
             "verdict": self.verdict,
+            "diagnoses": dict(sorted(self.diagnoses.items())),
         }
 
 
@@ -127,7 +134,10 @@ class IncidentLog(_Counters):
         incident (and not ignored); returns the record written, or None."""
         if decision.ignored or not decision.kinds:  # healthy, lagging, or a repeated stop
             return None
-        record = incident_record(obs, decision)
+        return self.write(incident_record(obs, decision))
+
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append a record made by `incident_record` (a trainer adds its `diagnosis` first)."""
         append_jsonl(self.path, record)
         self.count(record)
         return record

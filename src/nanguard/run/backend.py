@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from nanguard.config import Config
 from nanguard.data.coco import CocoIndex
 from nanguard.data.loader import Batch
 from nanguard.errors import UserError
-from nanguard.guard import FaultPlan, IncidentLog, InjectionLog, NullInjectionLog, Outcome, PolicyState
+from nanguard.explain.verdict import ReplayFacts
+from nanguard.guard import FaultPlan, InjectionLog, NullInjectionLog, Observation, Outcome, PolicyState
 
 # config `backend` -> the module whose `create(device: str | None) -> Backend` builds it
 BACKENDS = {"torch": "nanguard.backends.torch.backend"}
@@ -29,7 +30,7 @@ class Backend(Protocol):
     def check_config(self, cfg: Config) -> None:
         """Refuse (UserError) settings this backend cannot train with, before anything is written."""
 
-    def setup(self, cfg: Config, num_classes: int, *, incidents: IncidentLog, faults: FaultPlan,
+    def setup(self, cfg: Config, num_classes: int, *, faults: FaultPlan,
               injections: InjectionLog | NullInjectionLog) -> None:
         """Build the model for `num_classes` foreground classes, its optimizer, schedule and guard (or
         a plain step with guard.enabled=false)."""
@@ -76,6 +77,19 @@ class Backend(Protocol):
         of images the model cannot take (a warning line each) are appended to `skipped`."""
 
     def weights_finite(self) -> bool: ...
+
+    # Replay (nanguard.explain): nothing of it runs unless a step is bad.
+
+    def keep_replay_state(self, want: Callable[[Observation], bool] | None) -> None:
+        """When: once, after setup. From now on, keep what a replay of a bad step needs (the state it
+        ran with, its RNG) for the observations `want` says yes to; None keeps nothing."""
+
+    def write_replay(self, step: int, batch: Batch, path: Path, *, lr: float) -> bool:
+        """Write the replay file of `step` (trained on the host batch `batch`) to `path`; False when
+        nothing was kept for that step."""
+
+    def replay(self, path: Path, cfg: Config) -> ReplayFacts:
+        """Replay the step of a replay file and localise what went wrong (`ReplayFacts`)."""
 
 
 def create_backend(name: str, device: str | None) -> Backend:

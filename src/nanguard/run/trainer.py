@@ -4,7 +4,8 @@ The run folder:
   config.yaml       the resolved config (also inside every checkpoint)
   audit.json        the training split's audit (data.audit=drop|strict)
   metrics.jsonl     every train.log_every steps: step, each loss component, total, lr, grad norm, img/s
-  incidents.jsonl   one line per incident (the guard)
+  incidents.jsonl   one line per incident (the guard's decision; `diagnosis` when explained)
+  incidents/<step>/ an incident's evidence: incident.json, its replay file, diagnosis.json
   injections.jsonl  what --inject did (nothing in nanguard reads it)
   checkpoints/step_XXXXXXXX.<suffix>   after XXXXXXXX steps; the newest train.keep_checkpoints kept
   eval.json, final.json
@@ -27,7 +28,8 @@ from nanguard.config import Config
 from nanguard.data.loader import BatchLoadError, Loader
 from nanguard.errors import UserError
 from nanguard.fileio import json_safe
-from nanguard.guard import NOTE_KINDS, FaultPlan, IncidentLog, InjectionLog, NullInjectionLog, Outcome
+from nanguard.explain.diagnose import Explainer
+from nanguard.guard import NOTE_KINDS, FaultPlan, IncidentLog, InjectionLog, NullInjectionLog, Outcome, incident_record
 from nanguard.progress import TrainProgress
 from nanguard.run.backend import Backend
 from nanguard.run.checkpoints import Checkpoints
@@ -107,7 +109,8 @@ def train(cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, q
         folder.truncate_logs(counters.step)
     incidents = IncidentLog(folder.path / "incidents.jsonl", resume=resuming)
     injections = InjectionLog(folder.path / "injections.jsonl", resume=resuming) if plan else NullInjectionLog()
-    backend.setup(cfg, train_index.num_classes, incidents=incidents, faults=plan, injections=injections)
+    backend.setup(cfg, train_index.num_classes, faults=plan, injections=injections)
+    explainer = Explainer(cfg, folder.path, backend, resume=resuming) if cfg.guard.enabled else None
     if state is not None:
         for name, part in parts.items():
             if name != "run":
@@ -125,7 +128,12 @@ def train(cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, q
             if decision.quarantine:
                 loader.quarantine(decision.quarantine)
             if decision.kinds and not decision.ignored:
-                progress.incident(outcome.observation.step, decision)
+                record = incident_record(outcome.observation, decision)
+                diagnosis = explainer.explain(record) if explainer is not None else None
+                if diagnosis is not None:
+                    record["diagnosis"] = json_safe(diagnosis.to_dict())
+                incidents.write(record)
+                progress.incident(outcome.observation.step, decision, diagnosis)
             metrics.write(outcome)
             pending.observe(outcome)
 
@@ -143,6 +151,8 @@ def train(cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, q
                                               err.annotation_ids))
                 else:
                     outcomes = backend.train_step(batch)
+                    if explainer is not None:
+                        explainer.ran(step, batch)
                     metrics.ran(step, len(batch.images))
                     handle(outcomes)
                 counters.step += 1

@@ -15,6 +15,7 @@ from nanguard.backends.torch.evaluate import predict
 from nanguard.backends.torch.faults import TorchFaults
 from nanguard.backends.torch.guard import Guard
 from nanguard.backends.torch.model import build_model, read_tensor_file
+from nanguard.backends.torch.replay import replay, write_replay
 from nanguard.backends.torch.step import NO_HOOKS, PlainStep, train_step
 from nanguard.config import Config
 from nanguard.data.coco import CocoIndex
@@ -69,18 +70,19 @@ class TorchBackend:
         if cfg.model.weights:  # a file that does not load is refused before the run folder exists
             read_tensor_file(Path(cfg.model.weights), "model.weights")
 
-    def setup(self, cfg: Config, num_classes: int, *, incidents, faults: FaultPlan, injections) -> None:
+    def setup(self, cfg: Config, num_classes: int, *, faults: FaultPlan, injections) -> None:
         torch.manual_seed(cfg.seed)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.cfg, self.faults, self.injections = cfg, faults, injections
+        self.cfg, self.faults, self.injections, self.num_classes = cfg, faults, injections, num_classes
+        self._rng_before: dict[int, dict[str, Any]] | None = None
         self.model = build_model(cfg.model, num_classes).to(self.device).train()
         self.optimizer = build_optimizer(cfg, self.model)
         self.schedule = LRSchedule(cfg.train, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         common = dict(scaler=self.scaler, schedule=self.schedule)
         self.stepper: Guard | PlainStep = (
-            Guard(self.model, self.optimizer, config=cfg.guard, policy=cfg.policy, incident_log=incidents, **common)
+            Guard(self.model, self.optimizer, config=cfg.guard, policy=cfg.policy, **common)
             if cfg.guard.enabled else
             PlainStep(self.model, self.optimizer, clip_norm=cfg.guard.clip_norm, observe_every=cfg.train.log_every,
                       **common))
@@ -101,7 +103,11 @@ class TorchBackend:
     # Steps
 
     def train_step(self, batch: Batch) -> list[Outcome]:
-        hooks = TorchFaults(self.faults, self.stepper.steps_run, self.injections) if self.faults else NO_HOOKS
+        step = self.stepper.steps_run
+        if self._rng_before is not None:  # a 5 kB host copy: what a replay of this step starts from
+            self._rng_before[step] = ckpt.rng_state()
+            self._rng_before.pop(step - 8, None)
+        hooks = TorchFaults(self.faults, step, self.injections) if self.faults else NO_HOOKS
         return train_step(self.model, self.stepper, batch, device=self.device, amp=self.cfg.train.amp, hooks=hooks)
 
     def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple,
@@ -149,6 +155,26 @@ class TorchBackend:
                 skipped: list | None = None) -> list[dict[str, Any]]:
         return predict(self.model, index, batch_size=batch_size, device=self.device, max_images=max_images,
                        skipped=skipped)
+
+    # ---------------------------------------------------------------------------------------------
+    # Replay (nanguard.explain)
+
+    def keep_replay_state(self, want) -> None:
+        if isinstance(self.stepper, Guard) and want is not None:
+            self.stepper.keep_replay_state = want
+            self._rng_before = {}
+
+    def write_replay(self, step: int, batch: Batch, path: Path, *, lr: float) -> bool:
+        kept = self.stepper.replay_states.pop(step, None) if isinstance(self.stepper, Guard) else None
+        rng = (self._rng_before or {}).get(step)
+        if kept is None or rng is None:
+            return False
+        write_replay(path, step=step, kept=kept, rng=rng, batch=batch, plan=self.faults,
+                     num_classes=self.num_classes, amp=self.cfg.train.amp, lr=lr)
+        return True
+
+    def replay(self, path: Path, cfg: Config):
+        return replay(path, cfg, self.device)
 
     def weights_finite(self) -> bool:
         return bool(all(torch.isfinite(p).all() for p in self.model.parameters()))  # sync-ok: end of run

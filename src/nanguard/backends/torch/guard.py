@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -163,6 +163,10 @@ class Guard:
         self._staged: dict[int, dict[str, Any]] = {}  # host copies waiting for confirmation, by step
         self._kept: dict[int, dict[str, Any]] = {-1: self._capture()}  # confirmed ones and the base
         self.stopped = False
+        # When: every bad observation, as it is read. Returns whether to keep the state that step ran
+        # with in `replay_states` (by step) for its replay; None keeps nothing.
+        self.keep_replay_state: Callable[[Observation], bool] | None = None
+        self.replay_states: dict[int, dict[str, Any]] = {}
 
     @property
     def rank(self) -> int:
@@ -188,12 +192,15 @@ class Guard:
 
     def update(self, backward: Backward, context: StepContext = StepContext()) -> list[Outcome]:
         step = self.steps_run
+        # the previous step's numbers are read before this step's check and update touch the state, so
+        # that the state a bad step ran with can be kept for its replay (decided on after, as ever)
+        previous = self._read(self.mailbox.take())
         checks = self._check(backward)
         skip = self._agree(checks)
         values = self._apply(skip, checks, step)
         if self._snapshot_due(step):
             self._staged[step] = self._capture()  # kept once the steps run with it are healthy
-        previous = self.mailbox.post(step, pack(backward.components, values), backward.names, context)
+        self.mailbox.post(step, pack(backward.components, values), backward.names, context)
         self.steps_run += 1
         return self._decide(previous)
 
@@ -265,14 +272,14 @@ class Guard:
         torch._foreach_copy_(self.buffers, self._buffer_snapshot)
         message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
         context = StepContext(tuple(image_ids), tuple(annotation_ids), batch)
-        previous = self.mailbox.post_error(self.steps_run, message[:300], context)
+        previous = self._read(self.mailbox.post_error(self.steps_run, message[:300], context))
         self.steps_run += 1
         return self._decide(previous)
 
     def flush(self) -> list[Outcome]:
         """Read the pending observation now (before a checkpoint, at the end of a run). A sync, but not
         on the per-step path."""
-        return self._decide(self.mailbox.take())
+        return self._decide(self._read(self.mailbox.take()))
 
     # ------------------------------------------------------------------------------------------
     # Masking
@@ -313,10 +320,29 @@ class Guard:
     # ------------------------------------------------------------------------------------------
     # One step late: observation, policy, actions
 
-    def _decide(self, pending: _Pending | None) -> list[Outcome]:
+    def _read(self, pending: _Pending | None) -> Observation | None:
+        """The observation of a posted step. When `keep_replay_state` wants it (a bad step), the state
+        that step ran with is kept on the host for its replay: the live state now, which no later update
+        has touched (the bad step's own update was masked), with the BatchNorm statistics as they were
+        before the forward pass in flight. Costs nothing unless a step is bad."""
         if pending is None:
-            return []
+            return None
         obs = self.mailbox.read(pending)
+        if self.keep_replay_state is not None and obs.bad and self.keep_replay_state(obs):
+            state = self._capture()
+            names = {id(buf): name for name, buf in self.model.named_buffers()}
+            for buf, before in zip(self.buffers, self._buffer_snapshot):
+                state["model"][names[id(buf)]] = to_host(before)
+            newest = max(self._kept)
+            self.replay_states[obs.step] = {**state, "reference_step": newest,
+                                            "reference_model": self._kept[newest]["model"]}
+            for old in sorted(self.replay_states)[:-4]:  # the trainer takes them at once; never pile up
+                del self.replay_states[old]
+        return obs
+
+    def _decide(self, obs: Observation | None) -> list[Outcome]:
+        if obs is None:
+            return []
         decision, self.policy_state = decide(self.policy_state, obs, self.policy_config)
         self._carry_out(obs, decision)
         return [Outcome(obs, decision)]

@@ -1,0 +1,88 @@
+"""Diagnosing incidents, in training and on demand (framework-neutral).
+
+`RUN_DIR/incidents/<step>/` holds one incident's evidence:
+  incident.json    its incidents.jsonl line
+  replay.<suffix>  what the backend needs to replay the step (its format; see the backend's replay)
+  diagnosis.json   the verdict (`nanguard.explain.verdict.Diagnosis`), once diagnosed
+
+`Explainer` is the trainer's side: it tells the backend which bad steps to keep the state of (while
+`explain.keep` allows), writes each incident's folder from the ring of recent batches, and diagnoses the
+incidents `explain.auto` asks for. `nanguard diagnose RUN_DIR` runs the same diagnosis later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from nanguard.config import Config
+from nanguard.data.loader import Batch
+from nanguard.explain.verdict import Diagnosis, judge
+from nanguard.fileio import atomic_write_json, json_safe
+from nanguard.guard import NOTE_KINDS, Observation, read_incidents
+
+INCIDENTS_DIR = "incidents"
+
+
+def incident_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / INCIDENTS_DIR / str(int(step))
+
+
+def diagnose(record: dict[str, Any], folder: Path, backend, cfg: Config) -> Diagnosis:
+    """Replay (when the folder holds the backend's replay file) and judge one incident; writes
+    diagnosis.json into `folder`."""
+    replay_file = folder / f"replay{backend.checkpoint_suffix}"
+    facts = backend.replay(replay_file, cfg) if replay_file.is_file() else None
+    diagnosis = judge(record, facts, lr=cfg.train.lr, param_abs_max=cfg.guard.param_abs_max)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "diagnosis.json", json_safe({"step": record["step"], **diagnosis.to_dict(),
+                                                            "facts": facts.to_dict() if facts else None}))
+    return diagnosis
+
+
+class Explainer:
+    """When: the trainer calls `ran(step, batch)` after each step and `explain(record)` for each incident
+    line before it is written; `explain` returns the diagnosis to add to the line (or None)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, backend, *, resume: bool = False) -> None:
+        self.cfg, self.run_dir, self.backend = cfg, Path(run_dir), backend
+        self.ring: deque[tuple[int, Batch]] = deque(maxlen=max(2, cfg.explain.ring))
+        self.kept = 0  # incident folders with replay data written (explain.keep)
+        self.diagnosed_kinds: set[str] = set()
+        if resume:  # go on as the run never stopped: from the lines kept (the logs are truncated first)
+            for record in read_incidents(self.run_dir):
+                if record.get("diagnosis"):
+                    self.diagnosed_kinds.add(record["kind"])
+                replay = incident_dir(self.run_dir, record["step"]) / f"replay{backend.checkpoint_suffix}"
+                self.kept += replay.is_file()
+        backend.keep_replay_state(self._keep if cfg.explain.keep > 0 else None)
+
+    def _keep(self, obs: Observation) -> bool:
+        """When: the backend reads a bad observation. Keep the state it ran with?"""
+        return self.kept < self.cfg.explain.keep
+
+    def ran(self, step: int, batch: Batch) -> None:
+        self.ring.append((step, batch))  # the loader's host arrays: no copy
+
+    def explain(self, record: dict[str, Any]) -> Diagnosis | None:
+        step = int(record["step"])
+        folder = incident_dir(self.run_dir, step)
+        batch = next((b for s, b in self.ring if s == step), None)
+        bad = any(kind not in NOTE_KINDS for kind in record.get("kinds") or [])
+        written = False
+        if bad and batch is not None and self.kept < self.cfg.explain.keep:
+            written = self.backend.write_replay(step, batch, folder / f"replay{self.backend.checkpoint_suffix}",
+                                                lr=record.get("lr"))
+            self.kept += written
+        if written or self._wanted(record):
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / "incident.json", record)
+        if not self._wanted(record):
+            return None
+        self.diagnosed_kinds.add(record["kind"])
+        return diagnose(record, folder, self.backend, self.cfg)
+
+    def _wanted(self, record: dict[str, Any]) -> bool:
+        auto = self.cfg.explain.auto
+        return auto == "all" or (auto == "first" and record.get("kind") not in self.diagnosed_kinds)
