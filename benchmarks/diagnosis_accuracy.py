@@ -2,7 +2,7 @@
 replay during training (explain.auto=all), scored against the cause.
 
     python benchmarks/diagnosis_accuracy.py                        # 6 fault kinds x 3 steps x 2 seeds + real data
-    python benchmarks/diagnosis_accuracy.py --steps-at 5,9 --seeds 0 --size 96
+    python benchmarks/diagnosis_accuracy.py --steps-at 5,9 --seeds 0 --size 64 --batch 4
 
 Scenarios:
 - every inject kind at several steps and seeds, on generated shapes (the diagnosis never reads
@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kinds", default=",".join(INJECTED), help="inject kinds (default: all six)")
     parser.add_argument("--steps-at", default="4,9,15", help="steps to inject at (default 4,9,15)")
     parser.add_argument("--seeds", default="0,1", help="seeds (default 0,1)")
-    parser.add_argument("--size", type=int, default=64, help="image side in px (default 64)")
+    parser.add_argument("--size", type=int, default=128, help="image side in px (default 128, the demo's)")
+    parser.add_argument("--batch", type=int, default=8, help="images per step (default 8, the demo's)")
     parser.add_argument("--no-real", action="store_true", help="skip the real bad-data scenarios")
     parser.add_argument("--clean-steps", type=int, default=60, help="steps of each clean run (0: skip)")
     parser.add_argument("--clean-rounds", type=int, default=2)
@@ -59,9 +60,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+BATCH = 8
+
+
 def train(run: Path, data: Path, size: int, seed: int, steps: int, *extra: str) -> None:
+    """The demo config (the tiny model, its RPN and RoI settings), on `size`-px images."""
     nanguard(["train", "--quiet", "--out", str(run), f"data.root={data}", f"seed={seed}", f"train.steps={steps}",
-              f"model.min_size={size}", f"model.max_size={size}", "train.batch_size=4", "train.warmup_steps=2",
+              f"model.min_size={size}", f"model.max_size={size}", f"train.batch_size={BATCH}", "train.warmup_steps=2",
               "train.eval_at_end=false", "data.audit=off", "explain.auto=all", "train.threads=0", *extra])
 
 
@@ -162,12 +167,14 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BATCH
     args = parse_args(argv)
+    BATCH = args.batch
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nanguard-diagnosis-") as tmp:
         work = Path(tmp)
         data = work / "shapes"
-        generate(data, images=48, val_images=4, size=args.size, classes=3, seed=0, progress=False)
+        generate(data, images=8 * args.batch, val_images=4, size=args.size, classes=3, seed=0, progress=False)
         results = []
         for kind in args.kinds.split(","):
             for at in (int(s) for s in args.steps_at.split(",")):

@@ -107,7 +107,7 @@ def test_demo_vs_plain_smoke(tmp_path):
 def test_diagnosis_accuracy_smoke(tmp_path):
     out = tmp_path / "diagnosis_accuracy.json"
     stdout = run_benchmark("diagnosis_accuracy", "--kinds", "grad_nan", "--steps-at", "3", "--seeds", "0",
-                           "--no-real", "--clean-steps", "4", "--clean-rounds", "1", "--plain-table",
+                           "--no-real", "--clean-steps", "4", "--clean-rounds", "1", "--size", "64", "--batch", "2", "--plain-table",
                            "--json-out", str(out))
     result = read(out)
     assert [(s["kind"], s["verdict"], s["right"]) for s in result["scenarios"]] == [("grad_nan", "transient", True)]

@@ -295,26 +295,10 @@ def _bad(state: PolicyState, obs: Observation, config: PolicyConfig,
          kinds: list[str]) -> tuple[Decision, PolicyState]:
     seen = obs.describe(kinds, config.min_loss_scale)
     consecutive = state.consecutive_bad + 1
-    image_ids = tuple(obs.image_ids)
     recent = _in_window(state.recent, obs.step, config) + (BadStep(
         step=obs.step, kinds=tuple(kinds), components=tuple(obs.nonfinite_components()),
-        image_ids=image_ids, lr=float(obs.lr), model_error=obs.model_error),)
-    corrupted = bool(CORRUPTION_KINDS.intersection(kinds))
-
-    # Quarantine bookkeeping: only kinds that point at the batch implicate its images.
-    implicated = dict(state.implicated)
-    newly: list[Any] = []
-    # A long run of bad steps looks systemic (LR, numerics), not like bad data: from the
-    # backoff_after-th bad step in a row on, the batch's images are no longer implicated.
-    if DATA_KINDS.intersection(kinds) and consecutive < config.backoff_after:
-        for image_id in dict.fromkeys(image_ids):  # unique, in order
-            if image_id in state.quarantined:
-                continue
-            implicated[image_id] = implicated.get(image_id, 0) + 1
-            if implicated[image_id] >= config.quarantine_after:
-                newly.append(image_id)
-                del implicated[image_id]
-
+        image_ids=tuple(obs.image_ids), lr=float(obs.lr), model_error=obs.model_error),)
+    implicated, newly = _implicate(state, obs, config, kinds, consecutive)
     new_state = replace(
         state,
         consecutive_bad=consecutive,
@@ -326,45 +310,22 @@ def _bad(state: PolicyState, obs: Observation, config: PolicyConfig,
         quarantined=state.quarantined + tuple(newly),
     )
     common = dict(step=obs.step, quarantine=tuple(newly), kinds=tuple(kinds))
-    quarantine_note = (f"; images {', '.join(map(str, newly))} implicated in "
-                       f"{config.quarantine_after} bad steps: quarantined" if newly else "")
+    note = (f"; images {', '.join(map(str, newly))} implicated in "
+            f"{config.quarantine_after} bad steps: quarantined" if newly else "")
 
     if len(recent) > config.max_skipped:
         reason = (f"{seen}; {len(recent)} of the last {config.skip_window} steps were bad "
                   f"(budget {config.max_skipped}, max_skip_fraction={config.max_skip_fraction:g}): "
                   f"stop")
         return _stop(new_state, config, reason, common)
-
-    needs_rollback = corrupted or consecutive >= _rollback_at(config)
-    if needs_rollback:
-        if state.rollbacks >= config.max_rollbacks:
-            reason = (f"{seen}; a rollback is needed but {state.rollbacks} rollbacks were already "
-                      f"done (max_rollbacks={config.max_rollbacks}): stop")
-            return _stop(new_state, config, reason, common)
-        rollback_to, further = _rollback_target(state)
-        ignore_through = obs.step + OBSERVATION_LAG
-        why = ("the model state itself is corrupted (a parameter changed outside any update):"
-               " masking cannot undo it" if corrupted else
-               f"still bad {consecutive} steps in a row, after an LR backoff")
-        target = ("the state the run started from" if rollback_to == state.base_step
-                  else f"the snapshot taken after step {rollback_to}")
-        if further:
-            target += f" (the one restored last, after step {state.last_restored}, went bad again)"
-        reason = (f"{seen}; {why}: roll back to {target} and skip the batches since (rollback "
-                  f"{state.rollbacks + 1} of at most {config.max_rollbacks}){quarantine_note}")
-        new_state = replace(
-            new_state, consecutive_bad=0, rollbacks=state.rollbacks + 1,
-            corruptions=state.corruptions + int(corrupted), ignore_through_step=ignore_through,
-            snapshots=tuple(s for s in state.snapshots if s <= rollback_to), last_restored=rollback_to)
-        return Decision(action="rollback", reason=reason, lr_factor=new_state.lr_factor,
-                        rollback_to_step=rollback_to, ignore_through_step=ignore_through,
-                        **common), new_state
-
+    corrupted = bool(CORRUPTION_KINDS.intersection(kinds))
+    if corrupted or consecutive >= _rollback_at(config):
+        return _rollback(state, new_state, obs, config, seen, corrupted, consecutive, note, common)
     if consecutive == config.backoff_after and state.lr_factor > config.min_lr_factor:
         lr_factor = max(config.min_lr_factor, state.lr_factor * config.backoff_factor)
         reason = (f"{seen}; {consecutive} bad steps in a row (backoff_after="
                   f"{config.backoff_after}): LR factor {state.lr_factor:g} -> {lr_factor:g}, "
-                  f"restored over {config.recover_steps} good steps{quarantine_note}")
+                  f"restored over {config.recover_steps} good steps{note}")
         new_state = replace(new_state, lr_factor=lr_factor, recovery_from=lr_factor,
                             backoffs=state.backoffs + 1)
         return Decision(action="lr_backoff", reason=reason, lr_factor=lr_factor,
@@ -380,8 +341,53 @@ def _bad(state: PolicyState, obs: Observation, config: PolicyConfig,
         what = (f"{consecutive} bad steps in a row (rollback at {_rollback_at(config)}), "
                 f"{masked}: skipped")
     action = "quarantine" if newly else "skip"
-    return Decision(action=action, reason=f"{seen}; {what}{quarantine_note}",
+    return Decision(action=action, reason=f"{seen}; {what}{note}",
                     lr_factor=new_state.lr_factor, **common), new_state
+
+
+def _implicate(state: PolicyState, obs: Observation, config: PolicyConfig, kinds: list[str],
+               consecutive: int) -> tuple[dict[Any, int], list[Any]]:
+    """Quarantine bookkeeping: (images implicated so far and their counts, images quarantined now).
+    Only kinds that point at the batch implicate its images, and a long run of bad steps looks
+    systemic (LR, numerics), not like bad data: from the backoff_after-th bad step in a row on, the
+    batch's images are no longer implicated."""
+    implicated = dict(state.implicated)
+    newly: list[Any] = []
+    if DATA_KINDS.intersection(kinds) and consecutive < config.backoff_after:
+        for image_id in dict.fromkeys(obs.image_ids):  # unique, in order
+            if image_id in state.quarantined:
+                continue
+            implicated[image_id] = implicated.get(image_id, 0) + 1
+            if implicated[image_id] >= config.quarantine_after:
+                newly.append(image_id)
+                del implicated[image_id]
+    return implicated, newly
+
+
+def _rollback(state: PolicyState, new_state: PolicyState, obs: Observation, config: PolicyConfig, seen: str,
+              corrupted: bool, consecutive: int, note: str, common: dict[str, Any]) -> tuple[Decision, PolicyState]:
+    if state.rollbacks >= config.max_rollbacks:
+        reason = (f"{seen}; a rollback is needed but {state.rollbacks} rollbacks were already "
+                  f"done (max_rollbacks={config.max_rollbacks}): stop")
+        return _stop(new_state, config, reason, common)
+    rollback_to, further = _rollback_target(state)
+    ignore_through = obs.step + OBSERVATION_LAG
+    why = ("the model state itself is corrupted (a parameter changed outside any update):"
+           " masking cannot undo it" if corrupted else
+           f"still bad {consecutive} steps in a row, after an LR backoff")
+    target = ("the state the run started from" if rollback_to == state.base_step
+              else f"the snapshot taken after step {rollback_to}")
+    if further:
+        target += f" (the one restored last, after step {state.last_restored}, went bad again)"
+    reason = (f"{seen}; {why}: roll back to {target} and skip the batches since (rollback "
+              f"{state.rollbacks + 1} of at most {config.max_rollbacks}){note}")
+    new_state = replace(
+        new_state, consecutive_bad=0, rollbacks=state.rollbacks + 1,
+        corruptions=state.corruptions + int(corrupted), ignore_through_step=ignore_through,
+        snapshots=tuple(s for s in state.snapshots if s <= rollback_to), last_restored=rollback_to)
+    return Decision(action="rollback", reason=reason, lr_factor=new_state.lr_factor,
+                    rollback_to_step=rollback_to, ignore_through_step=ignore_through,
+                    **common), new_state
 
 
 def _stop(state: PolicyState, config: PolicyConfig, reason: str,

@@ -90,100 +90,118 @@ def train(cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, q
     """Train (or resume) the run in `folder` until step `stop_at` (default: train.steps; the LR
     schedule always spans train.steps, so stopping early and resuming changes nothing); returns
     final.json's content."""
-    paths = resolve_data(cfg, quiet)
-    train_index = training_index(cfg, paths, folder.write_json, quiet)
-    plan = FaultPlan(cfg.inject, seed=cfg.seed)
-    plan.check(amp=cfg.train.amp)
-    loader = Loader(train_index, cfg.train.batch_size, seed=cfg.seed, hflip=cfg.data.hflip,
-                    prefetch=cfg.data.prefetch, cache_bytes=cfg.data.cache_mb << 20)
-    counters = Counters()
-    checkpoints = Checkpoints(folder.path, backend, keep=cfg.train.keep_checkpoints)
-    # The checkpoint's contents, declared once: save and load both loop over these parts.
-    parts = {"run": counters, "data": loader, "backend": backend}
-    state = checkpoints.load_newest() if resuming else None
-    if state is not None:
-        if tuple(state["category_ids"]) != train_index.category_ids:
-            raise UserError(f"{checkpoints.loaded_from}: trained on other categories than {paths.train_ann}")
-        counters.load_state_dict(state["run"])
-    if resuming:  # lines after the checkpoint are written again; the counters restart from the rest
-        folder.truncate_logs(counters.step)
-    incidents = IncidentLog(folder.path / "incidents.jsonl", resume=resuming)
-    injections = InjectionLog(folder.path / "injections.jsonl", resume=resuming) if plan else NullInjectionLog()
-    backend.setup(cfg, train_index.num_classes, faults=plan, injections=injections)
-    explainer = Explainer(cfg, folder.path, backend, resume=resuming) if cfg.guard.enabled else None
-    if state is not None:
-        for name, part in parts.items():
-            if name != "run":
-                part.load_state_dict(state[name])
+    training = Training(cfg, folder, backend, resuming=resuming, quiet=quiet)
+    training.loop(cfg.train.steps if stop_at is None else stop_at)
+    return training.finish()
 
-    total_steps = cfg.train.steps if stop_at is None else stop_at
-    progress = TrainProgress(total_steps, start=counters.step, enabled=not quiet)
-    metrics = Metrics(folder, cfg.train.log_every, total_steps - 1, progress)
 
-    pending = PendingCheckpoints(checkpoints, backend, confirm=cfg.policy.snapshot_confirm if cfg.guard.enabled else 0)
+class Training:
+    """One `nanguard train` process: the data, the stateful parts, the logs, the loop."""
 
-    def handle(outcomes: list[Outcome]) -> None:
+    def __init__(self, cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, quiet: bool) -> None:
+        self.cfg, self.folder, self.backend, self.quiet = cfg, folder, backend, quiet
+        self.paths = resolve_data(cfg, quiet)
+        self.train_index = training_index(cfg, self.paths, folder.write_json, quiet)
+        self.plan = FaultPlan(cfg.inject, seed=cfg.seed)
+        self.plan.check(amp=cfg.train.amp)
+        self.loader = Loader(self.train_index, cfg.train.batch_size, seed=cfg.seed, hflip=cfg.data.hflip,
+                             prefetch=cfg.data.prefetch, cache_bytes=cfg.data.cache_mb << 20)
+        self.counters = Counters()
+        self.checkpoints = Checkpoints(folder.path, backend, keep=cfg.train.keep_checkpoints)
+        # The checkpoint's contents, declared once: save and load both loop over these parts.
+        self.parts = {"run": self.counters, "data": self.loader, "backend": backend}
+        state = self.checkpoints.load_newest() if resuming else None
+        if state is not None:
+            if tuple(state["category_ids"]) != self.train_index.category_ids:
+                raise UserError(f"{self.checkpoints.loaded_from}: trained on other categories than "
+                                f"{self.paths.train_ann}")
+            self.counters.load_state_dict(state["run"])
+        if resuming:  # lines after the checkpoint are written again; the counters restart from the rest
+            folder.truncate_logs(self.counters.step)
+        self.incidents = IncidentLog(folder.path / "incidents.jsonl", resume=resuming)
+        self.injections = (InjectionLog(folder.path / "injections.jsonl", resume=resuming) if self.plan
+                           else NullInjectionLog())
+        backend.setup(cfg, self.train_index.num_classes, faults=self.plan, injections=self.injections)
+        self.explainer = Explainer(cfg, folder.path, backend, resume=resuming) if cfg.guard.enabled else None
+        if state is not None:
+            for name, part in self.parts.items():
+                if name != "run":
+                    part.load_state_dict(state[name])
+        self.pending = PendingCheckpoints(self.checkpoints, backend,
+                                          confirm=cfg.policy.snapshot_confirm if cfg.guard.enabled else 0)
+
+    def loop(self, total_steps: int) -> None:
+        counters, backend, loader = self.counters, self.backend, self.loader
+        self.progress = TrainProgress(total_steps, start=counters.step, enabled=not self.quiet)
+        self.metrics = Metrics(self.folder, self.cfg.train.log_every, total_steps - 1, self.progress)
+        started = time.perf_counter()
+        self.metrics.start(counters.step)
+        try:
+            with self.progress, _io_errors_name_the_path(self.folder):
+                while counters.step < total_steps and not backend.stopped:
+                    step = counters.step
+                    try:
+                        batch = loader.next()
+                    except BatchLoadError as err:  # an unreadable image: an incident, not the end of the run
+                        self.metrics.ran(step, 0)
+                        self.handle(backend.skip_batch(err.cause, (err.key.epoch, err.key.position), err.image_ids,
+                                                       err.annotation_ids))
+                    else:
+                        outcomes = backend.train_step(batch)
+                        if self.explainer is not None:
+                            self.explainer.ran(step, batch)
+                        self.metrics.ran(step, len(batch.images))
+                        self.handle(outcomes)
+                    counters.step += 1
+                    self.progress.advance(counters.step)
+                    last = counters.step == total_steps or backend.stopped
+                    if counters.step % self.cfg.train.checkpoint_every == 0 or last:
+                        self.handle(backend.flush())  # a sync, once per checkpoint: the state must be final
+                        counters.train_seconds += time.perf_counter() - started
+                        started = time.perf_counter()
+                        self.pending.add(counters.step, {
+                            **{name: part.state_dict() for name, part in self.parts.items()},
+                            "config": self.cfg.to_dict(), "category_ids": list(self.train_index.category_ids)},
+                            now=last)
+        finally:
+            loader.close()
+
+    def handle(self, outcomes: list[Outcome]) -> None:
+        """The policy's outcomes: quarantine, the incident line (diagnosed first when explain.auto asks),
+        metrics, checkpoint confirmation."""
         for outcome in outcomes:
             decision = outcome.decision
             if decision.quarantine:
-                loader.quarantine(decision.quarantine)
+                self.loader.quarantine(decision.quarantine)
             if decision.kinds and not decision.ignored:
                 record = incident_record(outcome.observation, decision)
-                diagnosis = explainer.explain(record) if explainer is not None else None
+                diagnosis = self.explainer.explain(record) if self.explainer is not None else None
                 if diagnosis is not None:
                     record["diagnosis"] = json_safe(diagnosis.to_dict())
-                incidents.write(record)
-                progress.incident(outcome.observation.step, decision, diagnosis)
-            metrics.write(outcome)
-            pending.observe(outcome)
+                self.incidents.write(record)
+                self.progress.incident(outcome.observation.step, decision, diagnosis)
+            self.metrics.write(outcome)
+            self.pending.observe(outcome)
 
-    started = time.perf_counter()
-    metrics.start(counters.step)
-    try:
-        with progress, _io_errors_name_the_path(folder):
-            while counters.step < total_steps and not backend.stopped:
-                step = counters.step
-                try:
-                    batch = loader.next()
-                except BatchLoadError as err:  # an unreadable image: an incident, not the end of the run
-                    metrics.ran(step, 0)
-                    handle(backend.skip_batch(err.cause, (err.key.epoch, err.key.position), err.image_ids,
-                                              err.annotation_ids))
-                else:
-                    outcomes = backend.train_step(batch)
-                    if explainer is not None:
-                        explainer.ran(step, batch)
-                    metrics.ran(step, len(batch.images))
-                    handle(outcomes)
-                counters.step += 1
-                progress.advance(counters.step)
-                last = counters.step == total_steps or backend.stopped
-                if counters.step % cfg.train.checkpoint_every == 0 or last:
-                    handle(backend.flush())  # a sync, once per checkpoint: the state must be final
-                    counters.train_seconds += time.perf_counter() - started
-                    started = time.perf_counter()
-                    pending.add(counters.step, {
-                        **{name: part.state_dict() for name, part in parts.items()},
-                        "config": cfg.to_dict(), "category_ids": list(train_index.category_ids)}, now=last)
-    finally:
-        loader.close()
-
-    final: dict[str, Any] = {
-        "status": "stopped" if backend.stopped else "completed",
-        "steps": counters.step,
-        "train_seconds": round(counters.train_seconds, 3),
-        "images_per_second": round(counters.step * cfg.train.batch_size / max(counters.train_seconds, 1e-9), 3),
-        **incidents.summary(),
-        "injections": injections.count if plan else 0,
-        "weights_finite": backend.weights_finite(),
-    }
-    if backend.stopped:
-        final["verdict"] = backend.policy_state.stop_verdict
-        final["stop_reason"] = backend.policy_state.stop_reason
-    if cfg.train.eval_at_end:
-        final.update(evaluate_run(cfg, backend, paths, train_index.category_ids, quiet, folder))
-    folder.write_json("final.json", json_safe(final))
-    return final
+    def finish(self) -> dict[str, Any]:
+        """final.json (after the evaluation, with train.eval_at_end)."""
+        cfg, backend, counters, incidents, folder = self.cfg, self.backend, self.counters, self.incidents, self.folder
+        final: dict[str, Any] = {
+            "status": "stopped" if backend.stopped else "completed",
+            "steps": counters.step,
+            "train_seconds": round(counters.train_seconds, 3),
+            "images_per_second": round(counters.step * cfg.train.batch_size / max(counters.train_seconds, 1e-9), 3),
+            **incidents.summary(),
+            "injections": self.injections.count if self.plan else 0,
+            "weights_finite": backend.weights_finite(),
+        }
+        if backend.stopped:
+            final["verdict"] = backend.policy_state.stop_verdict
+            final["stop_reason"] = backend.policy_state.stop_reason
+        if cfg.train.eval_at_end:
+            final.update(evaluate_run(cfg, backend, self.paths, self.train_index.category_ids, self.quiet, folder))
+        folder.write_json("final.json", json_safe(final))
+        return final
 
 
 class PendingCheckpoints:
