@@ -148,3 +148,13 @@ def test_a_nan_coordinate_in_a_real_coco_annotation_is_named(coco_tiny, tmp_path
     found = [r["diagnosis"] for r in lines(run / "incidents.jsonl") if r.get("diagnosis")]
     assert found and found[0]["verdict"] == "bad_annotation"
     assert found[0]["annotation_ids"] == [target["id"]] and found[0]["image_ids"] == [target["image_id"]]
+
+
+def test_an_fp16_overflow_is_finite_in_float32(shapes, tmp_path):
+    run = tmp_path / "fp16"
+    assert train(run, shapes, "train.steps=6", "train.amp=fp16", "policy.min_loss_scale=32768", "explain.auto=all",
+                 "--inject", "fp16_overflow@2:count=2") == 0
+    found = {r["step"]: r["diagnosis"] for r in lines(run / "incidents.jsonl")}
+    assert found[2]["verdict"] == "fp16_overflow" and found[2]["reproduced"] is True
+    assert any("float32 is healthy" in e for e in found[2]["evidence"])
+    assert {d["verdict"] for d in found.values()} == {"fp16_overflow"}  # the scale stays low after: still fp16's

@@ -86,3 +86,8 @@ def test_every_verdict_is_in_the_vocabulary_and_facts_round_trip():
     f = facts(images=[ImageFacts(1, (10,), True, 1.0, 3, 0.0, [(10, "x")])], forward=OpSite("mul", "", "forward"))
     assert ReplayFacts.from_dict(f.to_dict()) == f
     assert Diagnosis("transient").verdict in VERDICTS
+
+
+def test_a_loss_scale_below_the_floor_that_no_longer_overflows_is_still_fp16s():
+    d = judge(record(["loss_scale_floor"], values={"loss_scale": 0.5}), facts(reproduced=False, amp="fp16"))
+    assert d.verdict == "fp16_overflow" and "bf16" in d.advice

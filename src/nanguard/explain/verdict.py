@@ -174,6 +174,13 @@ def _judge_replay(record: dict[str, Any], facts: ReplayFacts, lr: float | None, 
     located = dict(first_op=site.op if site else None, module=site.module or None if site else None,
                    loss_component=component)
 
+    if not facts.reproduced and "loss_scale_floor" in (record.get("kinds") or []):
+        scale = (record.get("values") or {}).get("loss_scale")
+        evidence.append(f"the fp16 loss scale is {scale} (below policy.min_loss_scale) after earlier overflows; "
+                        "this step no longer overflows")
+        return Diagnosis("fp16_overflow", phase="backward", evidence=evidence, advice=(
+            "fp16 gradients overflowed step after step until the loss scale fell below policy.min_loss_scale; train "
+            "with train.amp=bf16 (the float32 range), or lower policy.min_loss_scale if the scale recovers"))
     if not facts.reproduced:
         return Diagnosis("transient", phase=None, evidence=evidence, advice=(
             f"nothing in the data or the state reproduces it ({facts.replays} replays healthy): a transient fault "
@@ -216,6 +223,9 @@ def _judge_replay(record: dict[str, Any], facts: ReplayFacts, lr: float | None, 
                              f"drop annotation {annotations[0]} of image {boxes[0].image_id}, or clean the split with "
                              "`nanguard audit ANN.json --fix CLEAN.json`"))
 
+    if facts.reference_ok:
+        evidence.append(f"the same batch is healthy on the state after step {facts.reference_step}")
+        return _lr_divergence(evidence, facts, lr, record, "the state drifted since then")
     if facts.amp == "fp16" and facts.full_precision_ok:
         evidence.append("the same step in float32 is healthy")
         return Diagnosis("fp16_overflow", phase=(site.phase if site else "backward"), evidence=evidence, **located,
@@ -224,9 +234,6 @@ def _judge_replay(record: dict[str, Any], facts: ReplayFacts, lr: float | None, 
     if facts.update_ok is False:
         evidence.append("the optimizer's update on these finite gradients makes the weights non-finite")
         return _lr_divergence(evidence, facts, lr, record, "the update itself overflows", phase="optimizer")
-    if facts.reference_ok:
-        evidence.append(f"the same batch is healthy on the state after step {facts.reference_step}")
-        return _lr_divergence(evidence, facts, lr, record, "the state drifted since then")
     if site is not None and site.inputs_finite:
         evidence.append(f"{site.op} in {site.module or 'the loss'} made a non-finite value from finite inputs "
                         f"({site.phase})")

@@ -41,6 +41,7 @@ from nanguard.backends.torch.devicestate import (
     to_host,
 )
 from nanguard.guard import (
+    NOTE_KINDS,
     STEP_FIELDS,
     Decision,
     GuardConfig,
@@ -328,7 +329,8 @@ class Guard:
         if pending is None:
             return None
         obs = self.mailbox.read(pending)
-        if self.keep_replay_state is not None and obs.bad and self.keep_replay_state(obs):
+        bad = any(kind not in NOTE_KINDS for kind in obs.kinds(self.policy_config.min_loss_scale))
+        if self.keep_replay_state is not None and bad and self.keep_replay_state(obs):
             state = self._capture()
             names = {id(buf): name for name, buf in self.model.named_buffers()}
             for buf, before in zip(self.buffers, self._buffer_snapshot):

@@ -70,6 +70,8 @@ def write_replay(path: Path, *, step: int, kept: dict[str, Any], rng: dict[str, 
         "rng": rng, "images": images, "targets": targets,
         "image_ids": list(batch.image_ids), "annotation_ids": [list(ids) for ids in batch.annotation_ids],
         "code_faults": code_faults,
+        # fp16: the scale its backward ran with (an overflow is in the scaled gradients)
+        "loss_scale": float((kept.get("scaler") or {}).get("scale", 0.0)) or None,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda handle: torch.save(bundle, handle))
@@ -139,7 +141,8 @@ class Replayer:
                     total = sum(losses[name] for name in sorted(losses))
                     if tracer is not None:
                         tracer.enter_backward()
-                    total.backward()
+                    scale = self.bundle.get("loss_scale") if amp == "fp16" else None
+                    (total * scale if scale else total).backward()
             except Exception as exc:  # the model refused the batch again
                 return _Run({}, math.nan, False, error=f"{type(exc).__name__}: {exc}"[:300])
         finally:
@@ -149,6 +152,7 @@ class Replayer:
         values["total_loss"] = float(total.detach().float())
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
+        grad_norm /= scale or 1.0
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         buffers_finite = all(bool(torch.isfinite(b).all()) for b in buffers)
         spike = False
@@ -283,8 +287,9 @@ def _replay(bundle: dict[str, Any], cfg: Config, device: torch.device) -> Replay
         facts.forward, facts.backward = tracer.site("forward"), tracer.site("backward")
     if bundle.get("reference_model") is not None and not (facts.state_nonfinite or facts.state_wild):
         facts.reference_ok = not replayer.run(bundle["reference_model"]).bad
-    if facts.amp != "off":
-        facts.full_precision_ok = not replayer.run(state, amp="off").bad
+    if facts.amp != "off":  # does float32 make the same non-finite value (a spike alone is not AMP's doing)?
+        full = replayer.run(state, amp="off")
+        facts.full_precision_ok = not (full.nonfinite if first.nonfinite else full.bad)
     if first.nonfinite or not facts.reference_ok:  # a spike the older state shares: look at the images
         facts.images = _image_facts(replayer, bundle, state)
     return facts
