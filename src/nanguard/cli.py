@@ -1,4 +1,4 @@
-"""The `nanguard` command: synth, audit, train, eval.
+"""The `nanguard` command: synth, audit, train, eval, report.
 
 `main(argv)` is the in-process entry point and returns the exit code: 0 ok, 1 findings or a failed run,
 2 bad input (a `UserError`, printed on one line without a traceback). Each command's implementation is
@@ -19,6 +19,7 @@ COMMANDS = {
     "audit": "nanguard.audit.command",
     "train": "nanguard.run.train_command",
     "eval": "nanguard.run.eval_command",
+    "report": "nanguard.report.command",
 }
 
 
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, incidents, audit, final numbers")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (nanguard train --out)")
+    p.add_argument("--quiet", action="store_true", help="do not print the path written")
     return parser
 
 
