@@ -13,6 +13,7 @@ import nanguard.guard, nanguard.audit, nanguard.data.coco, nanguard.data.loader,
 import nanguard.evaluation.coco, nanguard.config, nanguard.cli, nanguard.progress, nanguard.data.targets
 import nanguard.run, nanguard.run.backend, nanguard.run.trainer, nanguard.run.folder, nanguard.run.checkpoints
 import nanguard.run.data, nanguard.run.train_command, nanguard.run.eval_command
+import nanguard.report, nanguard.report.html, nanguard.report.command
 from nanguard.cli import main
 assert main(["synth", sys.argv[1], "--images", "2", "--val-images", "1", "--size", "32", "--quiet"]) == 0
 assert main(["audit", sys.argv[1] + "/annotations/instances_train.json", "--quiet"]) == 0
