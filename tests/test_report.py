@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from nanguard.cli import main
 from nanguard.errors import UserError
 from nanguard.report.html import MARKER, build_report, write_report
-from nanguard.report.svg import Marker, Series, choose_log, format_number, line_chart
+from nanguard.report.svg import WIDTH, Marker, Series, choose_log, format_number, line_chart
 
 SVG = "{http://www.w3.org/2000/svg}"
 EVIL = "<script>alert('x')</script>"
@@ -187,12 +188,42 @@ def test_not_a_run_exits_2(tmp_path, capsys, make):
 def test_chart_scales_and_labels():
     assert choose_log([0.001, 0.5, 2.0]) and not choose_log([0.1, 0.5, 2.0]) and not choose_log([-1.0, 1000.0])
     assert [format_number(v) for v in (0, 0.30000000000000004, 2.5e-05, 1e6)] == ["0", "0.3", "2.5e-5", "1e6"]
-    points = [(float(i), 10.0 ** (-i / 100)) for i in range(1000)] + [(1000.0, math.inf)]
-    chart = line_chart([Series("a <b>", points, "#000")], markers=[Marker(500, "#f00", "skip", "step 500")],
-                       label="t")
-    root = ET.fromstring(chart)
-    assert "(log)" in chart and ">Inf<" in chart and "a &lt;b&gt;" in chart
-    assert root.get("viewBox") and len(chart) < 60_000  # 1,000 points thinned to a few per pixel column
+    decay = [(float(i), 10.0 ** (-i / 10)) for i in range(40)] + [(40.0, math.inf)]
+    chart = line_chart([Series("a <b>", decay, "#000")], markers=[Marker(5, "#f00", "skip", "step 5")], label="t")
+    assert "(log)" in chart and ">Inf<" in chart and "a &lt;b&gt;" in chart and ET.fromstring(chart).get("viewBox")
+
+    def highest(spike: float) -> tuple[float, int]:  # the topmost pixel of the line, and its segments
+        flat = [(float(i), spike if i == 12_345 else 1.0) for i in range(30_000)]
+        root = ET.fromstring(line_chart([Series("flat", flat, "#000")], log_y=False))
+        path = next(e for e in root.iter() if e.tag == SVG + "path").get("d")
+        return min(float(y) for y in re.findall(r"[ML][\d.]+,([\d.]+)", path)), path.count("L")
+
+    top, segments = highest(10.0)
+    assert segments < 4 * WIDTH  # 30,000 points thinned to a few per pixel column ...
+    assert top < 60  # ... and the one spike survives: it reaches the top of the plot (1.0 sits near the bottom)
+
+
+def test_single_step_and_hostile_text(tmp_path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("train: {log_every: 1}\n")
+    write_lines(folder / "metrics.jsonl", [metric(0, 2.0)])
+    write_lines(folder / "incidents.jsonl", [{**INCIDENTS[1], "step": 0, "reason": "bad \x00\x1b[31m \ud800 ]]> -->"}])
+    html = build_report(folder)
+    svgs(html)  # still parses
+    assert ">-1<" not in html and "]]&gt; --&gt;" in html
+    assert write_report(folder).read_bytes().decode("utf-8")
+
+
+def test_long_run_stays_small_and_fast(tmp_path):
+    folder = tmp_path / "long"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(CONFIG)
+    write_lines(folder / "metrics.jsonl", [metric(step, 1.0 + (step % 7) / 10) for step in range(0, 90_000, 5)])
+    write_lines(folder / "incidents.jsonl", [{**INCIDENTS[2], "step": step} for step in range(5, 90_000, 60)])
+    html = build_report(folder)
+    assert len(svgs(html)) == 4 and len(html) < 3_000_000
+    assert "The first 1000 of 1,500 incidents are shown" in html
 
 
 def test_report_is_framework_free(tmp_path, run):

@@ -11,6 +11,7 @@ marker says nanguard wrote it, never a file of the user's.
 from __future__ import annotations
 
 import math
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from nanguard.report.load import RunData, load_run, number
 from nanguard.report.plots import ACTION_COLORS, all_charts
 from nanguard.report.tables import audit_section, final_table, incident_table, text
 
+# Characters XML forbids (control characters, lone surrogates a JSON "\ud800" can carry): a run file's
+# text must not make the page unparsable or unencodable.
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 REPORT_FILE = "report.html"
 MARKER = "<!-- written by nanguard report -->"
 
@@ -171,7 +175,7 @@ def build_report(run_dir: str | Path) -> str:
         "run it again to refresh.</footer>",
     ]
     title = f"nanguard report: {data.path.resolve().name}"
-    return ("<!DOCTYPE html>\n" + MARKER + "\n"
+    return _NOT_XML.sub("\ufffd", "<!DOCTYPE html>\n" + MARKER + "\n"
             '<html lang="en"><head><meta charset="utf-8"/>'
             '<meta name="viewport" content="width=device-width, initial-scale=1"/>'
             f"<title>{escape(title)}</title><style>{STYLE}</style></head>"

@@ -50,7 +50,8 @@ def incident_marker(incident: dict[str, Any]) -> Marker:
     if len(reason) > 200:
         reason = reason[:199] + "…"
     title = f"step {incident['step']}: {kind} → {action}" + (f"\n{reason}" if reason else "")
-    return Marker(incident["step"], ACTION_COLORS.get(action, UNKNOWN_ACTION_COLOR), action, title,
+    group = "no action (a note)" if action == "none" else action
+    return Marker(incident["step"], ACTION_COLORS.get(action, UNKNOWN_ACTION_COLOR), group, title,
                   dashed=action == "stop")
 
 

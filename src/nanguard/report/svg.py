@@ -66,11 +66,11 @@ def format_step(value: float) -> str:
     return f"{int(round(value)):,}"
 
 
-def nice_step(span: float, target: int) -> float:
+def nice_step(span: float, target: int, factors: Sequence[float] = (1, 2, 2.5, 5, 10)) -> float:
     """A 1-2-5 step that cuts `span` into about `target` intervals."""
     raw = span / max(target, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
-    for factor in (1, 2, 2.5, 5, 10):
+    for factor in factors:
         if raw <= factor * magnitude:
             return factor * magnitude
     return 10 * magnitude
@@ -91,6 +91,7 @@ class _Axes:
     def __init__(self, x_range: tuple[float, float], y_values: list[float], log: bool, top: float, height: float,
                  width: int) -> None:
         self.x0, self.x1 = x_range
+        self.first_step = self.x0  # no tick left of it: a single logged step does not label step -1
         if self.x1 <= self.x0:
             self.x0, self.x1 = self.x0 - 1, self.x1 + 1
         self.left, self.right, self.top, self.bottom = LEFT, width - RIGHT, top, top + height
@@ -124,8 +125,8 @@ class _Axes:
         return self.bottom - (position - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top)
 
     def x_ticks(self) -> list[float]:
-        step = max(1.0, nice_step(self.x1 - self.x0, 8))
-        first = math.ceil(self.x0 / step) * step
+        step = max(1.0, nice_step(self.x1 - self.x0, 8, factors=(1, 2, 5, 10)))  # steps are integers
+        first = math.ceil(self.first_step / step) * step
         return [first + i * step for i in range(int((self.x1 - first) / step) + 1)]
 
 
