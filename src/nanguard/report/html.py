@@ -121,7 +121,8 @@ def _header(data: RunData) -> str:
         cards.append(_card("images / s", f"{speed:.1f}"))
     seconds = _final_number(data, "train_seconds")
     if seconds is not None and math.isfinite(seconds):
-        cards.append(_card("train time", f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"))
+        shown = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+        cards.append(_card("train time", shown))
     if final.get("weights_finite") is False:
         cards.append(_card("weights", "not finite", alert=True))
     parts.append(f'<div class="cards">{"".join(cards)}</div>')

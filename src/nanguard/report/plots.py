@@ -64,13 +64,13 @@ def spike_band(data: RunData, points: list[tuple[float, float | None]]) -> Band 
 
     The guard's spike test (a robust z-score and this ratio over the last spike_window healthy steps)
     sees every step; metrics.jsonl holds one step in log_every, so the median here is taken over a
-    window of at least five logged points: a guide to the eye, not the detector's exact threshold."""
+    window of at least ten logged points: a guide to the eye, not the detector's exact threshold."""
     ratio = number(data.setting("guard", "spike_min_ratio", "spike_ratio"))
     if ratio is None or not math.isfinite(ratio) or ratio <= 1:
         return None
     window = number(data.setting("guard", "spike_window")) or 50.0
     log_every = number(data.setting("train", "log_every")) or 1.0
-    span = max(window, 5 * log_every)
+    span = max(window, 10 * log_every)
     healthy = [(x, y) for x, y in points if y is not None and math.isfinite(y) and y > 0]
     band, start = [], 0
     for index, (step, _) in enumerate(healthy):

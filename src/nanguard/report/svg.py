@@ -235,12 +235,15 @@ def _frame(axes: _Axes, y_label: str) -> list[str]:
 
 
 def _markers(markers: Sequence[Marker], axes: _Axes) -> list[str]:
+    # Many incidents would hide the curves behind them: the more markers, the fainter each one.
+    opacity = 0.8 if len(markers) <= 30 else max(0.3, 0.8 * 30 / len(markers))
+    width = 1.5 if len(markers) <= 30 else 1.0
     parts = []
     for marker in markers:
         px = axes.px(marker.x)
         dash = ' stroke-dasharray="4 3"' if marker.dashed else ""
         parts.append(f'<line x1="{px:.1f}" y1="{axes.top:.1f}" x2="{px:.1f}" y2="{axes.bottom:.1f}" stroke="{marker.color}" '
-                     f'stroke-width="1.5" stroke-opacity="0.8"{dash}><title>{escape(marker.title)}</title></line>')
+                     f'stroke-width="{width}" stroke-opacity="{opacity:.2f}"{dash}><title>{escape(marker.title)}</title></line>')
     return parts
 
 
