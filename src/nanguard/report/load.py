@@ -110,9 +110,10 @@ def _read_lines(path: Path, notes: list[str], missing: str | None = "") -> list[
     return sorted(valid, key=lambda record: record["step"])
 
 
-def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+def _read_json(path: Path, notes: list[str], missing: str = "") -> dict[str, Any] | None:
+    """A JSON object file, or None with a note: `missing` for an absent file, the cause for a torn one."""
     if not path.exists():
-        notes.append(f"{path.name} is missing")
+        notes.append(missing or f"{path.name} is missing")
         return None
     try:
         document = json.loads(path.read_text(encoding="utf-8", errors="replace"))
@@ -138,11 +139,11 @@ def load_run(run_dir: str | Path) -> RunData:
     except (OSError, yaml.YAMLError) as err:
         data.notes.append(f"{CONFIG_FILE} could not be read ({err.__class__.__name__}); the spike band is left out")
     data.metrics = _read_lines(path / "metrics.jsonl", data.notes)
-    data.audit = _read_json(path / "audit.json", data.notes)
-    final_exists = (path / "final.json").exists()
-    data.final = _read_json(path / "final.json", data.notes)
-    if not final_exists:
-        data.notes[-1] = "final.json is missing: the run is still training, or it stopped before its end"
+    audit_off = data.setting("data", "audit") in ("off", False)  # YAML 1.1 reads a bare off as false
+    data.audit = _read_json(path / "audit.json", data.notes,
+                            "audit.json is missing: data.audit=off" if audit_off else "")
+    data.final = _read_json(path / "final.json", data.notes,
+                            "final.json is missing: the run is still training, or it stopped before its end")
     # A run writes incidents.jsonl at its first incident: no file is no incident, unless final.json counts some.
     counted = (data.final or {}).get("incidents")
     quiet = not (isinstance(counted, int) and counted > 0)

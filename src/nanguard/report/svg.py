@@ -101,7 +101,7 @@ class _Axes:
             low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
             self.y0, self.y1 = low, max(high, low + 1)  # in decades
             stride = max(1, math.ceil((self.y1 - self.y0) / 6))
-            self.y_ticks = [(10.0 ** d, d) for d in range(int(self.y0), int(self.y1) + 1, stride)]
+            self.y_ticks = [10.0 ** d for d in range(int(self.y0), int(self.y1) + 1, stride)]
         else:
             low, high = (min(y_values), max(y_values)) if y_values else (0.0, 1.0)
             if low >= 0 and low <= 0.5 * high:
@@ -112,7 +112,7 @@ class _Axes:
             step = nice_step(high - low, 5)
             self.y0, self.y1 = math.floor(low / step) * step, math.ceil(high / step) * step
             count = int(round((self.y1 - self.y0) / step))
-            self.y_ticks = [(self.y0 + i * step, self.y0 + i * step) for i in range(count + 1)]
+            self.y_ticks = [self.y0 + i * step for i in range(count + 1)]
 
     def px(self, x: float) -> float:
         return self.left + (x - self.x0) / (self.x1 - self.x0) * (self.right - self.left)
@@ -216,7 +216,7 @@ def _nonfinite_marks(series: Sequence[Series], axes: _Axes) -> list[str]:
 
 def _frame(axes: _Axes, y_label: str) -> list[str]:
     parts = []
-    for value, position in axes.y_ticks:
+    for value in axes.y_ticks:
         y = axes.py(value)
         parts.append(f'<line x1="{axes.left}" y1="{y:.1f}" x2="{axes.right}" y2="{y:.1f}" class="grid"/>')
         parts.append(f'<text x="{axes.left - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">'
