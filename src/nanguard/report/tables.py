@@ -61,9 +61,11 @@ def _table(head: list[str], rows: list[list[str]], css: str = "") -> str:
 
 
 def _diagnosis_cells(diagnosis: Any) -> tuple[str, str, str]:
-    """(verdict cell, module / first op cell, advice cell) of an incident's optional `diagnosis`."""
+    """(verdict cell, module / first op cell, advice cell) of an incident's optional `diagnosis`.
+
+    Ids the diagnosis names are shown in bold in the ids cell: the culprits among the batch."""
     if not isinstance(diagnosis, dict):
-        return '<span class="muted">none</span>', "", ""
+        return '<span class="muted">–</span>', "", ""
     verdict = f'<strong>{text(diagnosis.get("verdict") or "unknown")}</strong>'
     facts = []
     reproduced = diagnosis.get("reproduced")
@@ -93,8 +95,10 @@ def _ids_cell(incident: dict[str, Any]) -> str:
     diagnosis = incident.get("diagnosis") if isinstance(incident.get("diagnosis"), dict) else {}
     for label, key in (("images", "image_ids"), ("annotations", "annotation_ids")):
         culprits = diagnosis.get(key)
+        batch = incident.get(key) if isinstance(incident.get(key), list) else []
         if isinstance(culprits, list) and culprits:  # the diagnosis narrowed the batch down
-            lines.append(f"{label}: <strong>{id_list(culprits)}</strong>")
+            of_batch = f' <span class="muted">of {id_list(batch)}</span>' if batch and batch != culprits else ""
+            lines.append(f"{label}: <strong>{id_list(culprits)}</strong>{of_batch}")
         elif isinstance(incident.get(key), list) and incident[key]:
             lines.append(f"{label}: {id_list(incident[key])}")
     if incident.get("quarantined"):
