@@ -109,7 +109,14 @@ def test_incidents_diagnosis_and_escaping(run):
     assert "Drop annotation 101 &amp; run nanguard audit --fix" in html
     assert EVIL not in html and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html
     assert "restored state after step 50" in html
+    with_big_id = _report_with_image_id(run, 139077)
+    assert "images: 139077" in with_big_id and "139,077" not in with_big_id  # an id as written
     assert "0.651" in html and "0.923" in html  # mAP, mAP50 in the header
+
+
+def _report_with_image_id(run: Path, image_id: int) -> str:
+    write_lines(run / "incidents.jsonl", [{**INCIDENTS[1], "image_ids": [image_id]}])
+    return build_report(run)
 
 
 def test_nonfinite_values_are_drawn_at_the_edge(run):

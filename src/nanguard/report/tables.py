@@ -41,10 +41,15 @@ def text(value: Any) -> str:
     return escape(str(value))
 
 
+def ident(value: Any) -> str:
+    """An id or a name as written (image 139077, not 139,077)."""
+    return "" if value is None else escape(str(value))
+
+
 def id_list(values: Any, limit: int = MAX_IDS) -> str:
     if not isinstance(values, (list, tuple)):
-        return text(values)
-    shown = ", ".join(text(v) for v in values[:limit])
+        return ident(values)
+    shown = ", ".join(ident(v) for v in values[:limit])
     return shown + (f" <span class=\"muted\">+{len(values) - limit} more</span>" if len(values) > limit else "")
 
 
@@ -105,7 +110,7 @@ def _ids_cell(incident: dict[str, Any]) -> str:
         lines.append(f"quarantined: {id_list(incident['quarantined'])}")
     for target in (incident.get("invalid_targets") or [])[:3]:
         if isinstance(target, dict):
-            lines.append(f'dropped box {text(target.get("annotation_id"))}: {text(target.get("why"))}')
+            lines.append(f'dropped box {ident(target.get("annotation_id"))}: {text(target.get("why"))}')
     return "<br/>".join(lines)
 
 
@@ -155,7 +160,8 @@ def audit_section(audit: dict[str, Any] | None) -> str:
             severity.setdefault(check, str(finding.get("severity") or ""))
             ids = first_ids.setdefault(check, [])
             if len(ids) < 5:
-                ids.append(f'{text(finding.get("annotation_id") if finding.get("annotation_id") is not None else finding.get("image_id"))}')
+                annotation_id = finding.get("annotation_id")
+                ids.append(ident(annotation_id if annotation_id is not None else finding.get("image_id")))
     by_check = summary.get("by_check") if isinstance(summary.get("by_check"), dict) else {}
     checks = [[f"<code>{text(name)}</code>", text(severity.get(name, "")), f'<span class="num">{text(count)}</span>',
                ", ".join(first_ids.get(name, []))]
