@@ -14,6 +14,7 @@ import nanguard.evaluation.coco, nanguard.config, nanguard.cli, nanguard.progres
 import nanguard.run, nanguard.run.backend, nanguard.run.trainer, nanguard.run.folder, nanguard.run.checkpoints
 import nanguard.run.data, nanguard.run.train_command, nanguard.run.eval_command
 import nanguard.explain, nanguard.explain.verdict, nanguard.explain.diagnose, nanguard.explain.command, nanguard.explain.config
+import nanguard.report, nanguard.report.html, nanguard.report.command
 from nanguard.cli import main
 assert main(["synth", sys.argv[1], "--images", "2", "--val-images", "1", "--size", "32", "--quiet"]) == 0
 assert main(["audit", sys.argv[1] + "/annotations/instances_train.json", "--quiet"]) == 0

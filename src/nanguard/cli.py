@@ -1,4 +1,4 @@
-"""The `nanguard` command: synth, audit, train, eval, diagnose.
+"""The `nanguard` command: synth, audit, train, eval, diagnose, report.
 
 `main(argv)` is the in-process entry point and returns the exit code: 0 ok, 1 findings or a failed run,
 2 bad input (a `UserError`, printed on one line without a traceback). Each command's implementation is
@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "nanguard.run.train_command",
     "eval": "nanguard.run.eval_command",
     "diagnose": "nanguard.explain.command",
+    "report": "nanguard.report.command",
 }
 
 
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--incident", type=int, default=None, metavar="STEP", help="only the incident at STEP")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--json", action="store_true", help="print the diagnoses as JSON")
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, incidents, audit, final numbers")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (nanguard train --out)")
+    p.add_argument("--quiet", action="store_true", help="do not print the path written")
     return parser
 
 

@@ -8,7 +8,7 @@ The run folder:
   incidents/<step>/ an incident's evidence: incident.json, its replay file, diagnosis.json
   injections.jsonl  what --inject did (nothing in nanguard reads it)
   checkpoints/step_XXXXXXXX.<suffix>   after XXXXXXXX steps; the newest train.keep_checkpoints kept
-  eval.json, final.json
+  eval.json, final.json, report.html
 
 Steps are counted from 0: the observation, metrics and incident of step s describe the (s+1)-th batch;
 `step_00000100` holds the state after 100 steps. Resuming from it replays nothing and skips nothing: the
@@ -201,7 +201,20 @@ class Training:
         if cfg.train.eval_at_end:
             final.update(evaluate_run(cfg, backend, self.paths, self.train_index.category_ids, self.quiet, folder))
         folder.write_json("final.json", json_safe(final))
+        self._report()
         return final
+
+    def _report(self) -> None:
+        """report.html, at the end of every run (`nanguard report` writes it again at any time)."""
+        from nanguard.report.html import write_report
+
+        try:
+            path = write_report(self.folder.path)
+        except UserError as err:  # e.g. a report.html the user put there: kept, the run is not failed for it
+            print(f"nanguard train: warning: no report: {err}", file=sys.stderr)
+        else:
+            if not self.quiet:
+                print(f"report: {path}", file=sys.stderr)
 
 
 class PendingCheckpoints:
