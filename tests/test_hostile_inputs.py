@@ -625,3 +625,25 @@ def test_eval_with_string_image_ids_scores_the_same(run_copy, shapes, tmp_path, 
     assert main(["eval", str(run_copy), *EVAL, "--json", f"data.val_ann={ann}", images]) == 0
     renamed = json.loads(capsys.readouterr().out)
     assert renamed["mAP"] == plain["mAP"] and renamed["mAP50"] == plain["mAP50"] and renamed["images"] == 8
+
+
+def test_atomically_written_files_get_the_mode_open_would_give(tmp_path):
+    """mkstemp makes 0600 files: a run's config, checkpoints and report must be readable by whoever
+    may read the user's other files (the umask decides, as for any new file)."""
+    import os
+
+    from nanguard.fileio import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        import importlib
+
+        import nanguard.fileio
+
+        importlib.reload(nanguard.fileio)
+        written = nanguard.fileio.atomic_write_text(tmp_path / "final.json", "{}")
+        assert written.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+        importlib.reload(nanguard.fileio)
+    assert atomic_write_text(tmp_path / "b.json", "{}").stat().st_mode & 0o777 == 0o666 & ~old

@@ -75,6 +75,16 @@ class _RecordingFile:
         return getattr(self._handle, name)
 
 
+def _file_mode() -> int:
+    """0666 less the process's umask: the mode `open()` would give a new file."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
     """Call `write(fileobj)` on a temp file next to `path`, fsync it, and rename it over `path`.
 
@@ -85,6 +95,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would hide a run's files from the user's team
         with os.fdopen(fd, "wb") as handle:
             recording = _RecordingFile(handle)
             write(recording)  # type: ignore[arg-type]
