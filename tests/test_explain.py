@@ -158,3 +158,18 @@ def test_an_fp16_overflow_is_finite_in_float32(shapes, tmp_path):
     assert found[2]["verdict"] == "fp16_overflow" and found[2]["reproduced"] is True
     assert any("float32 is healthy" in e for e in found[2]["evidence"])
     assert {d["verdict"] for d in found.values()} == {"fp16_overflow"}  # the scale stays low after: still fp16's
+
+
+def test_diagnose_does_not_write_into_a_run_another_process_holds(faults_run, tmp_path, capsys):
+    from nanguard.run.folder import RunFolder
+
+    copy = tmp_path / "held"
+    shutil.copytree(faults_run, copy)
+    written = copy / "incidents" / "6" / "diagnosis.json"
+    written.unlink()
+    with RunFolder.open(copy):  # as a training process holds it
+        assert main(["diagnose", str(copy), "--incident", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "transient" in captured.out and "without writing" in captured.err
+    assert not written.exists()
+    assert main(["diagnose", str(copy), "--incident", "6"]) == 0 and written.exists()

@@ -12,6 +12,7 @@ from nanguard.errors import UserError
 from nanguard.explain.diagnose import diagnose, incident_dir
 from nanguard.fileio import json_safe
 from nanguard.guard import read_incidents
+from nanguard.run.folder import RunFolder
 
 
 def run(args) -> int:
@@ -34,14 +35,28 @@ def run(args) -> int:
     from nanguard.run.backend import create_backend
 
     backend = create_backend(cfg.backend, args.device)
+    # diagnosis.json goes into the run only when no other process holds it (a run folder has one writer)
+    folder = RunFolder.open_if_free(run_dir)
+    if folder is None:
+        print(f"{run_dir}: in use by another process (still training?): diagnosing without writing "
+              "diagnosis.json", file=sys.stderr)
+    try:
+        results = _diagnose_all(records, run_dir, backend, cfg, args, write=folder is not None)
+    finally:
+        if folder is not None:
+            folder.close()
+    if args.json:
+        print(json.dumps(json_safe(results), indent=2))
+    return 0
+
+
+def _diagnose_all(records, run_dir: Path, backend, cfg, args, *, write: bool) -> list[dict]:
     results = []
     for record in records:
-        diagnosis = diagnose(record, incident_dir(run_dir, record["step"]), backend, cfg)
+        diagnosis = diagnose(record, incident_dir(run_dir, record["step"]), backend, cfg, write=write)
         results.append({"step": record["step"], "kind": record.get("kind"), **diagnosis.to_dict()})
         if not args.json:
             print(diagnosis.line(record["step"]))
             for fact in diagnosis.evidence:
                 print(f"    - {fact}")
-    if args.json:
-        print(json.dumps(json_safe(results), indent=2))
-    return 0
+    return results

@@ -29,12 +29,14 @@ def incident_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / INCIDENTS_DIR / str(int(step))
 
 
-def diagnose(record: dict[str, Any], folder: Path, backend, cfg: Config) -> Diagnosis:
+def diagnose(record: dict[str, Any], folder: Path, backend, cfg: Config, *, write: bool = True) -> Diagnosis:
     """Replay (when the folder holds the backend's replay file) and judge one incident; writes
-    diagnosis.json into `folder`."""
+    diagnosis.json into `folder` (unless `write` is false)."""
     replay_file = folder / f"replay{backend.checkpoint_suffix}"
     facts = backend.replay(replay_file, cfg) if replay_file.is_file() else None
     diagnosis = judge(record, facts, lr=cfg.train.lr, param_abs_max=cfg.guard.param_abs_max)
+    if not write:
+        return diagnosis
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "diagnosis.json", json_safe({"step": record["step"], **diagnosis.to_dict(),
                                                             "facts": facts.to_dict() if facts else None}))

@@ -79,6 +79,17 @@ class RunFolder:
             raise UserError(f"--resume {path}: not a run folder (no {CONFIG_FILE}); start a run with --out")
         return cls(path, _lock(path))
 
+    @classmethod
+    def open_if_free(cls, path: Path) -> RunFolder | None:
+        """The run, locked, for a command that writes into it on the side (diagnose); None while another
+        process holds it (a run still training): such a command must not write then."""
+        try:
+            return cls.open(path)
+        except UserError:
+            if not (Path(path) / CONFIG_FILE).is_file():
+                raise
+            return None
+
     def close(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
