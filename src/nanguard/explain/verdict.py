@@ -10,7 +10,7 @@ The vocabulary is the contract (`VERDICTS`):
   bad_annotation     a target box that is non-finite, degenerate or absurd (names the annotation ids)
   bad_image          pixels that are non-finite or constant, or an image that cannot be read
   lr_divergence      the state grew bad through updates: the same batch is healthy on an older state,
-                     or the update itself makes the weights non-finite
+                     or most of the weights are non-finite or absurd
   fp16_overflow      non-finite in fp16, finite in float32
   corrupted_weights  a handful of parameter elements are non-finite or absurd (a flipped bit)
   transient          the step does not reproduce (hardware, non-determinism)
@@ -78,7 +78,6 @@ class ReplayFacts:
     weight_change: float | None = None  # |w - w_reference| / |w_reference|
     amp: str = "off"
     full_precision_ok: bool | None = None  # with amp: the same step in float32 is healthy
-    update_ok: bool | None = None  # the optimizer's update on the replayed gradients stays finite
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,39 +167,74 @@ def _model_error(record: dict[str, Any]) -> Diagnosis:
 
 
 def _judge_replay(record: dict[str, Any], facts: ReplayFacts, lr: float | None, param_abs_max: float) -> Diagnosis:
+    """The rules in order: not reproduced; the state itself bad; the data (the images that fail alone);
+    the state drifted (healthy on the older one); fp16; an op that makes non-finite values; unknown."""
     evidence = _replay_evidence(facts)
-    component = _first_component(facts.nonfinite_components or record.get("components") or [])
     site = facts.forward if facts.forward is not None else facts.backward
     located = dict(first_op=site.op if site else None, module=site.module or None if site else None,
-                   loss_component=component)
+                   loss_component=_first_component(facts.nonfinite_components or record.get("components") or []))
+    if not facts.reproduced:
+        return _not_reproduced(record, facts, evidence)
+    if facts.state_nonfinite + facts.state_wild:
+        return _bad_state(record, facts, evidence, lr, param_abs_max)
+    data = _bad_data(facts, evidence, located)
+    if data is not None:
+        return data
+    if facts.reference_ok:
+        evidence.append(f"the same batch is healthy on the state after step {facts.reference_step}")
+        return _lr_divergence(evidence, facts, lr, record, "the state drifted since then")
+    if facts.amp == "fp16" and facts.full_precision_ok:
+        evidence.append("the same step in float32 is healthy")
+        return Diagnosis("fp16_overflow", phase=(site.phase if site else "backward"), evidence=evidence, **located,
+                         advice="keep fp16 with the loss scaler's back-off (it recovers), or train with train.amp=bf16 "
+                                "(the float32 range) if it recurs")
+    if site is not None and site.inputs_finite:
+        evidence.append(f"{site.op} in {site.module or 'the loss'} made a non-finite value from finite inputs "
+                        f"({site.phase})")
+        return Diagnosis("numerical_op", phase=site.phase, evidence=evidence, **located,
+                         image_ids=[image.image_id for image in facts.images if image.fails_alone], advice=(
+                             f"{site.op} in {site.module or 'the loss computation'} makes a non-finite value from finite, "
+                             "sane inputs: a numerical bug; guard it (a floor before log / division, a clamp before "
+                             "exp) or report it with this incident folder"))
+    return Diagnosis("unknown", phase=site.phase if site else None, evidence=evidence, **located,
+                     advice="it reproduces but no cause stands out; inspect RUN_DIR/incidents/<step>/ with "
+                            "`nanguard diagnose RUN --incident STEP --json`")
 
-    if not facts.reproduced and "loss_scale_floor" in (record.get("kinds") or []):
+
+def _not_reproduced(record: dict[str, Any], facts: ReplayFacts, evidence: list[str]) -> Diagnosis:
+    if "loss_scale_floor" in (record.get("kinds") or []):
         scale = (record.get("values") or {}).get("loss_scale")
         evidence.append(f"the fp16 loss scale is {scale} (below policy.min_loss_scale) after earlier overflows; "
                         "this step no longer overflows")
         return Diagnosis("fp16_overflow", phase="backward", evidence=evidence, advice=(
             "fp16 gradients overflowed step after step until the loss scale fell below policy.min_loss_scale; train "
             "with train.amp=bf16 (the float32 range), or lower policy.min_loss_scale if the scale recovers"))
-    if not facts.reproduced:
-        return Diagnosis("transient", phase=None, evidence=evidence, advice=(
-            f"nothing in the data or the state reproduces it ({facts.replays} replays healthy): a transient fault "
-            "(hardware or non-determinism); training went on. If it recurs on one machine, test that GPU "
-            "(e.g. nvidia-smi -q -d ECC, or swap the device)"))
+    return Diagnosis("transient", phase=None, evidence=evidence, advice=(
+        f"nothing in the data or the state reproduces it ({facts.replays} replays healthy): a transient fault "
+        "(hardware or non-determinism); training went on. If it recurs on one machine, test that GPU "
+        "(e.g. nvidia-smi -q -d ECC, or swap the device)"))
 
+
+def _bad_state(record: dict[str, Any], facts: ReplayFacts, evidence: list[str], lr: float | None,
+               param_abs_max: float) -> Diagnosis:
+    """A flipped bit touches a handful of elements and leaves the rest where it was; an LR blow-up
+    moves every weight."""
     bad_elements = facts.state_nonfinite + facts.state_wild
-    if bad_elements:
-        names = ", ".join(facts.state_tensors[:3])
-        evidence.append(f"the state it ran with holds {facts.state_nonfinite} non-finite and {facts.state_wild} "
-                        f"elements beyond {param_abs_max:g} (in {names})")
-        spread = facts.weight_change is not None and facts.weight_change > 0.5
-        if bad_elements <= FEW_ELEMENTS and not spread:
-            return Diagnosis("corrupted_weights", phase="optimizer", module=facts.state_tensors[0] if facts.state_tensors else None,
-                             evidence=evidence, advice=(
-                                 f"{bad_elements} weight element(s) in {names} went bad between two healthy steps, not "
-                                 "through the loss: a memory or hardware fault; the rollback restored them. If it "
-                                 "recurs, run a memory test on that GPU (or enable ECC)"))
-        return _lr_divergence(evidence, facts, lr, record, "the weights themselves went bad")
+    names = ", ".join(facts.state_tensors[:3])
+    evidence.append(f"the state it ran with holds {facts.state_nonfinite} non-finite and {facts.state_wild} "
+                    f"elements beyond {param_abs_max:g} (in {names})")
+    spread = facts.weight_change is not None and facts.weight_change > 0.5
+    if bad_elements <= FEW_ELEMENTS and not spread:
+        return Diagnosis("corrupted_weights", phase="optimizer", module=facts.state_tensors[0] if facts.state_tensors else None,
+                         evidence=evidence, advice=(
+                             f"{bad_elements} weight element(s) in {names} went bad between two healthy steps, not "
+                             "through the loss: a memory or hardware fault; the rollback restored them. If it "
+                             "recurs, run a memory test on that GPU (or enable ECC)"))
+    return _lr_divergence(evidence, facts, lr, record, "the weights themselves went bad")
 
+
+def _bad_data(facts: ReplayFacts, evidence: list[str], located: dict[str, Any]) -> Diagnosis | None:
+    """The images that fail alone (all of them when none was run alone): their pixels, then their boxes."""
     culprits = [image for image in facts.images if image.fails_alone] or \
         [image for image in facts.images if image.fails_alone is None]
     pixels = [image for image in culprits if image.nonfinite_pixels or image.pixel_std == 0.0]
@@ -214,37 +248,15 @@ def _judge_replay(record: dict[str, Any], facts: ReplayFacts, lr: float | None, 
             + "; its input is non-finite or constant before the first layer (check the decoder and any "
             "per-image normalisation)"))
     boxes = [image for image in culprits if image.bad_boxes]
-    if boxes:
-        annotations = [ann for image in boxes for ann, _ in image.bad_boxes]
-        for image in boxes:
-            evidence += [f"annotation {ann} of image {image.image_id}: {why}" for ann, why in image.bad_boxes[:3]]
-        return Diagnosis("bad_annotation", phase="data", image_ids=[image.image_id for image in boxes],
-                         annotation_ids=annotations, evidence=evidence, **located, advice=(
-                             f"drop annotation {annotations[0]} of image {boxes[0].image_id}, or clean the split with "
-                             "`nanguard audit ANN.json --fix CLEAN.json`"))
-
-    if facts.reference_ok:
-        evidence.append(f"the same batch is healthy on the state after step {facts.reference_step}")
-        return _lr_divergence(evidence, facts, lr, record, "the state drifted since then")
-    if facts.amp == "fp16" and facts.full_precision_ok:
-        evidence.append("the same step in float32 is healthy")
-        return Diagnosis("fp16_overflow", phase=(site.phase if site else "backward"), evidence=evidence, **located,
-                         advice="keep fp16 with the loss scaler's back-off (it recovers), or train with train.amp=bf16 "
-                                "(the float32 range) if it recurs")
-    if facts.update_ok is False:
-        evidence.append("the optimizer's update on these finite gradients makes the weights non-finite")
-        return _lr_divergence(evidence, facts, lr, record, "the update itself overflows", phase="optimizer")
-    if site is not None and site.inputs_finite:
-        evidence.append(f"{site.op} in {site.module or 'the loss'} made a non-finite value from finite inputs "
-                        f"({site.phase})")
-        return Diagnosis("numerical_op", phase=site.phase, evidence=evidence, **located,
-                         image_ids=[image.image_id for image in facts.images if image.fails_alone], advice=(
-                             f"{site.op} in {site.module or 'the loss computation'} makes a non-finite value from finite, "
-                             "sane inputs: a numerical bug; guard it (a floor before log / division, a clamp before "
-                             "exp) or report it with this incident folder"))
-    return Diagnosis("unknown", phase=site.phase if site else None, evidence=evidence, **located,
-                     advice="it reproduces but no cause stands out; inspect RUN_DIR/incidents/<step>/ with "
-                            "`nanguard diagnose RUN --incident STEP --json`")
+    if not boxes:
+        return None
+    annotations = [ann for image in boxes for ann, _ in image.bad_boxes]
+    for image in boxes:
+        evidence += [f"annotation {ann} of image {image.image_id}: {why}" for ann, why in image.bad_boxes[:3]]
+    return Diagnosis("bad_annotation", phase="data", image_ids=[image.image_id for image in boxes],
+                     annotation_ids=annotations, evidence=evidence, **located, advice=(
+                         f"drop annotation {annotations[0]} of image {boxes[0].image_id}, or clean the split with "
+                         "`nanguard audit ANN.json --fix CLEAN.json`"))
 
 
 def _lr_divergence(evidence: list[str], facts: ReplayFacts, lr: float | None, record: dict[str, Any], why: str,
