@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, metavar="N", help="stop after step N (default train.steps); the LR schedule still spans train.steps, so a run "
                         "stopped early resumes exactly")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes (torch.distributed's launcher; gloo on CPU, NCCL on GPU)")
     p.add_argument("--inject", action="append", default=[], metavar="SPEC",
                    help="fault injection KIND@STEP[:key=value...] (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (train --nproc passes it on)
     # KEY=VALUE overrides may stand anywhere, also after options (`eval RUN --json data.root=D`),
     # which argparse alone does not allow for a positional list
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

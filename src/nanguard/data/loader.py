@@ -16,7 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,10 @@ class Batch:
     labels: list[np.ndarray]  # each [N] int64, 1..K
     image_ids: tuple
     annotation_ids: tuple  # one tuple per image
+    # distributed: the image / annotation ids of every rank's share of the global batch, rank by rank
+    # (every rank knows them without communication: the sampler is deterministic); one share otherwise
+    rank_image_ids: tuple = ()
+    rank_annotation_ids: tuple = ()
 
 
 class BatchLoadError(Exception):
@@ -248,10 +252,13 @@ class Loader:
     in memory up to `cache_bytes` (0: decode every time)."""
 
     def __init__(self, index: CocoIndex, batch_size: int, *, seed: int, hflip: bool = True,
-                 prefetch: int = 2, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 prefetch: int = 2, cache_bytes: int = DEFAULT_CACHE_BYTES, rank: int = 0, world: int = 1) -> None:
+        """With `world` > 1, batches are global (batch_size x world images, one order for all ranks) and
+        this rank loads its share, images [rank * batch_size, (rank + 1) * batch_size) of each."""
         self.index, self.seed, self.hflip = index, seed, hflip
+        self.batch_size, self.rank, self.world = batch_size, rank, world
         self.cache = ImageCache(cache_bytes) if cache_bytes > 0 else None
-        self.sampler = BatchSampler(len(index), batch_size, seed)
+        self.sampler = BatchSampler(len(index), batch_size * world, seed)
         self.consumed_epoch = 0  # the epoch of the last batch handed out
         self.prefetch = max(0, prefetch)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nanguard-loader") \
@@ -259,8 +266,14 @@ class Loader:
         self._queue: deque[tuple[BatchKey, concurrent.futures.Future[Batch]]] = deque()
 
     def _load(self, key: BatchKey) -> Batch:
+        shares = [key.indices[r * self.batch_size:(r + 1) * self.batch_size] for r in range(self.world)]
+        records = self.index.records
+        rank_ids = tuple(tuple(records[i].image_id for i in share) for share in shares)
+        rank_anns = tuple(tuple(records[i].annotation_ids for i in share) for share in shares)
+        key = BatchKey(key.epoch, key.position, shares[self.rank]) if self.world > 1 else key
         try:
-            return load_batch(self.index, key, seed=self.seed, hflip=self.hflip, cache=self.cache)
+            batch = load_batch(self.index, key, seed=self.seed, hflip=self.hflip, cache=self.cache)
+            return replace(batch, rank_image_ids=rank_ids, rank_annotation_ids=rank_anns)
         except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for missing or broken files
             records = [self.index.records[i] for i in key.indices]
             raise BatchLoadError(key, tuple(r.image_id for r in records), exc,

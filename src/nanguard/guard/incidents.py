@@ -16,6 +16,8 @@ One line per bad step (an incident), written when the policy has decided on it:
     verdict         with stop: what most likely went wrong and what to change; else null
     quarantined     image ids quarantined by this decision
     rollback_to_step, model_error, applied, rank
+    bad_ranks       a distributed run: the ranks whose own loss, gradients or buffers went bad ([] for
+                    a spike of the averaged loss, and in one process)
     restored_step   with rollback: the state restored is the one right after this step's update
                     (-1: the state before the first step); null otherwise
     batch           {"epoch", "position"} of the step's batch (the loader rebuilds it), or null
@@ -65,6 +67,7 @@ def incident_record(obs: Observation, decision: Decision) -> dict[str, Any]:
         "model_error": obs.model_error,
         "applied": obs.applied,
         "rank": obs.rank,
+        "bad_ranks": list(obs.bad_ranks),
     })
 
 
@@ -147,6 +150,10 @@ class NullIncidentLog(_Counters):
     """Counts like IncidentLog but writes nothing (a null object instead of `if log:`)."""
 
     path = None
+
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        self.count(record)
+        return record
 
     def record(self, obs: Observation, decision: Decision) -> dict[str, Any] | None:
         if decision.ignored or not decision.kinds:

@@ -104,6 +104,7 @@ class Observation:
     rank: int = 0
     batch: tuple[int, int] | None = None  # (epoch, position): the loader rebuilds the batch from it
     invalid_targets: tuple = ()  # (image id, annotation id, why) of target boxes dropped from the step
+    bad_ranks: tuple = ()  # distributed: the ranks whose own loss, gradients or buffers went bad
 
     def __post_init__(self) -> None:
         # Ids go into JSON and checkpoints: plain ints or strings, in a tuple (a list, or a numpy
@@ -113,10 +114,13 @@ class Observation:
 
     @classmethod
     def from_vector(cls, step: int, names: tuple[str, ...], values: list[float], **context: Any) -> Observation:
-        """Unpack a backend's step vector: `values` is the loss components (in `names` order) then
-        `STEP_FIELDS`. `context`: image_ids, annotation_ids, rank, batch, invalid_targets."""
+        """Unpack a backend's step vector: `values` is the loss components (in `names` order), then
+        `STEP_FIELDS`, then (distributed) one flag per rank. `context`: image_ids, annotation_ids, rank,
+        batch, invalid_targets."""
         losses = dict(zip(names, values[:len(names)]))
         f = dict(zip(STEP_FIELDS, values[len(names):]))
+        rank_flags = values[len(names) + len(STEP_FIELDS):]  # one per rank, in a distributed run
+        context.setdefault("bad_ranks", tuple(r for r, v in enumerate(rank_flags) if v > 0.5))
         flag = {k: v > 0.5 for k, v in f.items()}  # NaN > 0.5 is False: a flag not computed is not set
         checked = not math.isnan(f["nonfinite_param"])
         return cls(

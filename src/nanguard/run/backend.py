@@ -78,6 +78,10 @@ class Backend(Protocol):
 
     def weights_finite(self) -> bool: ...
 
+    def rank_param_digests(self) -> list[str]:
+        """A digest of the parameters of every rank, rank by rank (a collective: every rank calls it at
+        the end of a run); one entry in one process."""
+
     # Replay (nanguard.explain): nothing of it runs unless a step is bad.
 
     def keep_replay_state(self, want: Callable[[Observation], bool] | None) -> None:

@@ -33,8 +33,9 @@ def list_checkpoints(run_dir: Path, suffix: str = ".pt") -> list[tuple[int, Path
 
 
 class Checkpoints:
-    def __init__(self, run_dir: Path, backend, keep: int) -> None:
-        self.run_dir, self.backend, self.keep = Path(run_dir), backend, keep
+    def __init__(self, run_dir: Path, backend, keep: int, *, writer: bool = True) -> None:
+        """`writer=False` (a distributed run's ranks but 0): reads the same checkpoint, writes nothing."""
+        self.run_dir, self.backend, self.keep, self.writer = Path(run_dir), backend, keep, writer
         self.suffix = backend.checkpoint_suffix
         self.loaded_from: Path | None = None
 
@@ -44,6 +45,8 @@ class Checkpoints:
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write atomically, then drop all but the newest `keep` checkpoints and stale temp files."""
         path = self.path(step)
+        if not self.writer:
+            return path
         self.backend.save_checkpoint(path, state)
         for _, old in list_checkpoints(self.run_dir, self.suffix)[:-self.keep]:
             old.unlink(missing_ok=True)
@@ -64,6 +67,8 @@ class Checkpoints:
                     raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
             except UserError as err:
                 first_problem = first_problem or str(err).split("; ")[0]
+                if not self.writer:
+                    continue  # rank 0 says so and puts it aside; every rank falls back the same way
                 aside = path.with_name(path.name + ".damaged")
                 for n in range(1, 1000):  # an earlier damaged copy of the same step is kept too
                     if not aside.exists():

@@ -38,6 +38,8 @@ def io_error(path: Path | str, exc: OSError, what: str) -> UserError:
 class RunFolder:
     """An open, locked run folder. Use `create` or `open`; `close` releases the lock."""
 
+    writer = True  # this process writes the run's files (rank 0 of a distributed run)
+
     def __init__(self, path: Path, lock_fd: int) -> None:
         self.path, self._lock_fd = path, lock_fd
 
@@ -78,6 +80,12 @@ class RunFolder:
         if not (path / CONFIG_FILE).is_file():
             raise UserError(f"--resume {path}: not a run folder (no {CONFIG_FILE}); start a run with --out")
         return cls(path, _lock(path))
+
+    @classmethod
+    def follower(cls, path: Path) -> RunFolder:
+        """The run as a distributed run's other ranks see it: no lock, and every write a no-op (rank 0
+        is the one writer)."""
+        return _Follower(Path(path), -1)
 
     @classmethod
     def open_if_free(cls, path: Path) -> RunFolder | None:
@@ -167,3 +175,16 @@ def _lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+class _Follower(RunFolder):
+    writer = False
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.path / name
+
+    def append(self, name: str, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate_logs(self, steps_done: int) -> None:
+        pass

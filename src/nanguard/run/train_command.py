@@ -11,6 +11,7 @@ from pathlib import Path
 from nanguard.config import Config, apply_override, config_from_dict, dump_yaml, load_config, validate
 from nanguard.errors import UserError
 from nanguard.fileio import dumps
+from nanguard.run.ranks import Ranks
 
 # Keys that a resumed run cannot change: they define the model, the data or the state's layout.
 RESUME_FIXED = frozenset({"backend", "seed", "data.root", "data.cache", "data.audit", "data.hflip", "train.batch_size",
@@ -24,8 +25,14 @@ def run(args) -> int:
     from nanguard.run.folder import RunFolder
     from nanguard.run.trainer import train
 
+    if getattr(args, "nproc", None):
+        return _launch(args)
     for spec in args.inject:
         parse_fault(spec)  # a bad spec is a user error before anything is written
+    ranks = Ranks.from_env()
+    if ranks.restarts and args.out is not None and args.resume is None and (Path(args.out) / "config.yaml").is_file():
+        # torchrun --max-restarts started the job again: go on from the run's last checkpoint
+        args.resume, args.out, args.config, args.inject = args.out, None, None, []
     if args.steps is not None and args.steps < 0:
         raise UserError(f"--steps {args.steps}: must be >= 0 (the step to stop after)")
     if args.resume is not None and args.config is not None:
@@ -34,11 +41,11 @@ def run(args) -> int:
         raise UserError("--resume RUN continues RUN in place; drop --out")
 
     if args.resume is not None:
-        folder = RunFolder.open(args.resume)
+        folder = RunFolder.open(args.resume) if ranks.writer else RunFolder.follower(Path(args.resume))
         try:
             saved = config_from_dict(folder.read_config(), str(folder.path / "config.yaml"))
             cfg = _with_injections(_resume_overrides(saved, args.overrides), args.inject)
-            if cfg != saved:  # validated above: the overrides become part of the run's record
+            if cfg != saved and folder.writer:  # validated above: the overrides become part of the record
                 folder.write_config(dump_yaml(cfg))
         except BaseException:
             folder.close()
@@ -48,10 +55,14 @@ def run(args) -> int:
     backend = create_backend(cfg.backend, args.device)  # a bad --device or weights file: refused before
     backend.check_config(cfg)  # anything is written
     if args.resume is None:
+        if args.out is None and ranks.distributed:
+            raise UserError("a distributed run needs --out RUN_DIR (every rank must name the same folder)")
         out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        folder = RunFolder.create(out, dump_yaml(cfg))
+        folder = RunFolder.create(out, dump_yaml(cfg)) if ranks.writer else RunFolder.follower(out)
     with folder:
         final = train(cfg, folder, backend, resuming=args.resume is not None, quiet=args.quiet, stop_at=args.steps)
+    if not folder.writer:
+        return 0 if final["status"] == "completed" else 1
     if args.json:
         print(dumps(final, indent=2))
     elif not args.quiet:
@@ -62,6 +73,29 @@ def run(args) -> int:
         print(f"nanguard train: stopped: {final.get('verdict') or final.get('stop_reason')}", file=sys.stderr)
         return 1
     return 0
+
+
+def _launch(args) -> int:
+    """`--nproc N`: the same command on N processes through torch.distributed's own launcher (torchrun),
+    which sets RANK / WORLD_SIZE for each; this process waits for them and returns their exit code."""
+    import subprocess
+
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: must be >= 1")
+    if args.resume is None and args.out is None:
+        raise UserError("--nproc needs --out RUN_DIR (every rank must name the same folder)")
+    argv = list(args.argv)
+    if "--nproc" in argv:
+        i = argv.index("--nproc")
+        del argv[i:i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "nanguard", *argv]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 130
 
 
 def _with_injections(cfg: Config, inject: list[str]) -> Config:

@@ -29,12 +29,22 @@ from nanguard.data.loader import BatchLoadError, Loader
 from nanguard.errors import UserError
 from nanguard.fileio import json_safe
 from nanguard.explain.diagnose import Explainer
-from nanguard.guard import NOTE_KINDS, FaultPlan, IncidentLog, InjectionLog, NullInjectionLog, Outcome, incident_record
+from nanguard.guard import (
+    NOTE_KINDS,
+    FaultPlan,
+    IncidentLog,
+    InjectionLog,
+    NullIncidentLog,
+    NullInjectionLog,
+    Outcome,
+    incident_record,
+)
 from nanguard.progress import TrainProgress
 from nanguard.run.backend import Backend
 from nanguard.run.checkpoints import Checkpoints
 from nanguard.run.data import DataPaths, resolve_data, training_index, validation_data
 from nanguard.run.folder import RunFolder, io_error
+from nanguard.run.ranks import Ranks
 
 
 @dataclass
@@ -99,15 +109,21 @@ class Training:
     """One `nanguard train` process: the data, the stateful parts, the logs, the loop."""
 
     def __init__(self, cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, quiet: bool) -> None:
-        self.cfg, self.folder, self.backend, self.quiet = cfg, folder, backend, quiet
-        self.paths = resolve_data(cfg, quiet)
-        self.train_index = training_index(cfg, self.paths, folder.write_json, quiet)
+        self.cfg, self.folder, self.backend = cfg, folder, backend
+        self.ranks = Ranks.from_env()
+        self.quiet = quiet or not folder.writer  # one progress bar: rank 0's
+        self.paths = resolve_data(cfg, self.quiet)
+        self.train_index = training_index(cfg, self.paths, folder.write_json, self.quiet)
+        if len(self.train_index) < cfg.train.batch_size * self.ranks.world:
+            raise UserError(f"{self.paths.train_ann}: {len(self.train_index)} images cannot fill one batch of "
+                            f"train.batch_size={cfg.train.batch_size} on each of {self.ranks.world} ranks")
         self.plan = FaultPlan(cfg.inject, seed=cfg.seed)
         self.plan.check(amp=cfg.train.amp)
         self.loader = Loader(self.train_index, cfg.train.batch_size, seed=cfg.seed, hflip=cfg.data.hflip,
-                             prefetch=cfg.data.prefetch, cache_bytes=cfg.data.cache_mb << 20)
+                             prefetch=cfg.data.prefetch, cache_bytes=cfg.data.cache_mb << 20,
+                             rank=self.ranks.rank, world=self.ranks.world)
         self.counters = Counters()
-        self.checkpoints = Checkpoints(folder.path, backend, keep=cfg.train.keep_checkpoints)
+        self.checkpoints = Checkpoints(folder.path, backend, keep=cfg.train.keep_checkpoints, writer=folder.writer)
         # The checkpoint's contents, declared once: save and load both loop over these parts.
         self.parts = {"run": self.counters, "data": self.loader, "backend": backend}
         state = self.checkpoints.load_newest() if resuming else None
@@ -118,11 +134,14 @@ class Training:
             self.counters.load_state_dict(state["run"])
         if resuming:  # lines after the checkpoint are written again; the counters restart from the rest
             folder.truncate_logs(self.counters.step)
-        self.incidents = IncidentLog(folder.path / "incidents.jsonl", resume=resuming)
-        self.injections = (InjectionLog(folder.path / "injections.jsonl", resume=resuming) if self.plan
+        self.incidents = IncidentLog(folder.path / "incidents.jsonl", resume=resuming) if folder.writer \
+            else NullIncidentLog()
+        self.injections = (InjectionLog(folder.path / "injections.jsonl", resume=resuming) if self.plan and folder.writer
                            else NullInjectionLog())
         backend.setup(cfg, self.train_index.num_classes, faults=self.plan, injections=self.injections)
-        self.explainer = Explainer(cfg, folder.path, backend, resume=resuming) if cfg.guard.enabled else None
+        # a replay needs the bad rank's batch and state: one process, for now
+        explain = cfg.guard.enabled and not self.ranks.distributed
+        self.explainer = Explainer(cfg, folder.path, backend, resume=resuming) if explain else None
         if state is not None:
             for name, part in self.parts.items():
                 if name != "run":
@@ -198,10 +217,18 @@ class Training:
         if backend.stopped:
             final["verdict"] = backend.policy_state.stop_verdict
             final["stop_reason"] = backend.policy_state.stop_reason
-        if cfg.train.eval_at_end:
+        if self.ranks.distributed:  # every rank must hold the same weights: compared, never assumed
+            digests = backend.rank_param_digests()
+            final["rank_param_digests"] = digests
+            if len(set(digests)) > 1:
+                final["status"] = "diverged"
+                final["verdict"] = (f"the ranks' parameters differ at the end ({len(set(digests))} distinct digests); "
+                                    "the run cannot be trusted: resume from the last checkpoint")
+        if cfg.train.eval_at_end and folder.writer:
             final.update(evaluate_run(cfg, backend, self.paths, self.train_index.category_ids, self.quiet, folder))
         folder.write_json("final.json", json_safe(final))
-        self._report()
+        if folder.writer:
+            self._report()
         return final
 
     def _report(self) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from nanguard.backends.torch import checkpoint as ckpt
 from nanguard.backends.torch.devicestate import LRSchedule, to_host
+from nanguard.backends.torch.distributed import RankAgreement, gather_objects, init_process_group, param_digest
 from nanguard.backends.torch.evaluate import predict
 from nanguard.backends.torch.faults import TorchFaults
 from nanguard.backends.torch.guard import Guard
@@ -22,6 +23,7 @@ from nanguard.data.coco import CocoIndex
 from nanguard.data.loader import Batch
 from nanguard.errors import UserError
 from nanguard.guard import FaultPlan, Outcome
+from nanguard.run.ranks import Ranks
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -50,13 +52,24 @@ def pick_device(requested: str | None) -> torch.device:
 
 
 class RngState:
-    """torch's CPU and CUDA generators, as a stateful part of the checkpoint (restored last)."""
+    """torch's CPU and CUDA generators, as a stateful part of the checkpoint (restored last). In a
+    distributed run every rank's (they draw apart: each samples its own images' proposals)."""
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
 
     def state_dict(self) -> dict[str, Any]:
-        return ckpt.rng_state()
+        if not self.ranks.distributed:
+            return ckpt.rng_state()
+        return {"by_rank": gather_objects(ckpt.rng_state())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ckpt.set_rng_state(state)
+        if "by_rank" not in state:
+            return ckpt.set_rng_state(state)
+        if len(state["by_rank"]) != self.ranks.world:
+            raise UserError(f"the checkpoint was written by {len(state['by_rank'])} ranks, this run has "
+                            f"{self.ranks.world}; resume with the same --nproc")
+        ckpt.set_rng_state(state["by_rank"][self.ranks.rank])
 
 
 class TorchBackend:
@@ -71,25 +84,35 @@ class TorchBackend:
             read_tensor_file(Path(cfg.model.weights), "model.weights")
 
     def setup(self, cfg: Config, num_classes: int, *, faults: FaultPlan, injections) -> None:
-        torch.manual_seed(cfg.seed)
+        self.ranks = Ranks.from_env()
+        if self.ranks.distributed:
+            self.device = init_process_group(self.device, self.ranks.local_rank)
+        torch.manual_seed(cfg.seed + self.ranks.rank)  # DDP gives every rank rank 0's initial weights
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.cfg, self.faults, self.injections, self.num_classes = cfg, faults, injections, num_classes
         self._rng_before: dict[int, dict[str, Any]] | None = None
         self.model = build_model(cfg.model, num_classes).to(self.device).train()
+        self.forward_model: torch.nn.Module = self.model
+        agreement = None
+        if self.ranks.distributed:
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model)
+            if cfg.guard.enabled:
+                agreement = RankAgreement(self.device)
+                self.forward_model.register_comm_hook(None, agreement.comm_hook)
         self.optimizer = build_optimizer(cfg, self.model)
         self.schedule = LRSchedule(cfg.train, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         common = dict(scaler=self.scaler, schedule=self.schedule)
         self.stepper: Guard | PlainStep = (
-            Guard(self.model, self.optimizer, config=cfg.guard, policy=cfg.policy, **common)
+            Guard(self.model, self.optimizer, config=cfg.guard, policy=cfg.policy, ranks=agreement, **common)
             if cfg.guard.enabled else
             PlainStep(self.model, self.optimizer, clip_norm=cfg.guard.clip_norm, observe_every=cfg.train.log_every,
                       **common))
         # The checkpoint's parts, declared once: state_dict and load_state_dict loop over them (the RNG
         # last: building and loading the others must not move it).
         self.parts = {"model": self.model, "optimizer": self.optimizer, "schedule": self.schedule,
-                      "scaler": self.scaler, "guard": self.stepper, "rng": RngState()}
+                      "scaler": self.scaler, "guard": self.stepper, "rng": RngState(self.ranks)}
 
     def setup_model(self, cfg: Config, num_classes: int, state: dict[str, Any]) -> None:
         self.model = build_model(cfg.model, num_classes).to(self.device)
@@ -107,8 +130,9 @@ class TorchBackend:
         if self._rng_before is not None:  # a 5 kB host copy: what a replay of this step starts from
             self._rng_before[step] = ckpt.rng_state()
             self._rng_before.pop(step - 8, None)
-        hooks = TorchFaults(self.faults, step, self.injections) if self.faults else NO_HOOKS
-        return train_step(self.model, self.stepper, batch, device=self.device, amp=self.cfg.train.amp, hooks=hooks)
+        hooks = TorchFaults(self.faults, step, self.injections, rank=self.ranks.rank) if self.faults else NO_HOOKS
+        return train_step(self.forward_model, self.stepper, batch, device=self.device, amp=self.cfg.train.amp,
+                          hooks=hooks)
 
     def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple,
                    annotation_ids: tuple) -> list[Outcome]:
@@ -175,6 +199,10 @@ class TorchBackend:
 
     def replay(self, path: Path, cfg: Config):
         return replay(path, cfg, self.device)
+
+    def rank_param_digests(self) -> list[str]:
+        digest = param_digest(self.model)
+        return gather_objects(digest) if self.ranks.distributed else [digest]
 
     def weights_finite(self) -> bool:
         return bool(all(torch.isfinite(p).all() for p in self.model.parameters()))  # sync-ok: end of run

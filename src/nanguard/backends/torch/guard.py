@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from nanguard.backends.torch.distributed import RankAgreement
 from nanguard.backends.torch.devicestate import (
     DeviceSpikeDetector,
     LossScaler,
@@ -63,6 +64,8 @@ class StepContext:
     annotation_ids: tuple = ()
     batch: tuple[int, int] | None = None  # (epoch, position)
     invalid_targets: tuple = ()  # (image id, annotation id, why) of target boxes dropped
+    rank_image_ids: tuple = ()  # distributed: every rank's share of the global batch, rank by rank
+    rank_annotation_ids: tuple = ()
 
 
 @dataclass
@@ -84,10 +87,12 @@ class _Pending:
     model_error: str | None = None
 
 
-def pack(components: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[C + len(STEP_FIELDS)] float32: the components, then `STEP_FIELDS` (NaN where not given)."""
+def pack(components: torch.Tensor, values: dict[str, torch.Tensor], rank_flags: torch.Tensor | None = None) -> torch.Tensor:
+    """[C + len(STEP_FIELDS) (+ W)] float32: the components, then `STEP_FIELDS` (NaN where not given),
+    then, across W ranks, 1.0 for each rank that saw a bad step itself."""
     nan = torch.full((), math.nan, device=components.device)
-    return torch.cat([components, torch.stack([values.get(k, nan).float().reshape(()) for k in STEP_FIELDS])])
+    parts = [components.float(), torch.stack([values.get(k, nan).float().reshape(()) for k in STEP_FIELDS])]
+    return torch.cat(parts + ([rank_flags.float()] if rank_flags is not None else []))
 
 
 class HostMailbox:
@@ -128,7 +133,14 @@ class HostMailbox:
         if p.event is not None:
             p.event.synchronize()  # the step after it is already queued: the device stays busy
         values = p.host.numpy().tolist()  # sync-ok: a host array already copied; no device op
-        return Observation.from_vector(p.step, p.names, values, **context)
+        obs = Observation.from_vector(p.step, p.names, values, **context)
+        if len(p.context.rank_image_ids) > 1:
+            # every rank names the same images: those of the ranks that went bad (all, for a spike of the
+            # averaged loss), so that every rank's policy implicates the same ones
+            chosen = obs.bad_ranks or range(len(p.context.rank_image_ids))
+            obs = replace(obs, image_ids=tuple(i for r in chosen for i in p.context.rank_image_ids[r]),
+                          annotation_ids=tuple(a for r in chosen for a in p.context.rank_annotation_ids[r]))
+        return obs
 
 
 class Guard:
@@ -139,14 +151,15 @@ class Guard:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scaler=None,
                  config: GuardConfig | None = None, policy: PolicyConfig | None = None,
                  schedule: LRSchedule | None = None, incident_log: IncidentLog | NullIncidentLog | None = None,
-                 rank: int = 0) -> None:
+                 rank: int = 0, ranks: RankAgreement | None = None) -> None:
         self.model, self.optimizer = model, optimizer
         self.scaler = LossScaler(scaler, optimizer)
         self.config = config or GuardConfig()
         self.policy_config = policy or PolicyConfig()
         self.schedule = schedule
         self.incidents = incident_log or NullIncidentLog()
-        self.mailbox = HostMailbox(rank)
+        self.ranks = ranks  # a distributed run's agreement (None: one process)
+        self.mailbox = HostMailbox(ranks.rank if ranks is not None else rank)
         self.policy_state = PolicyState()
         self.lr_factor = 1.0
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -188,6 +201,8 @@ class Guard:
         names = tuple(sorted(losses))
         components = torch.stack([losses[n].detach().float().reshape(()) for n in names])
         total = sum(losses[n] for n in names)
+        if self.ranks is not None:
+            self.ranks.start_step()
         self.scaler.backward(total)
         return Backward(names, components, total.detach())
 
@@ -197,42 +212,52 @@ class Guard:
         # that the state a bad step ran with can be kept for its replay (decided on after, as ever)
         previous = self._read(self.mailbox.take())
         checks = self._check(backward)
-        skip = self._agree(checks)
+        skip = self._agree(checks, backward)
         values = self._apply(skip, checks, step)
         if self._snapshot_due(step):
             self._staged[step] = self._capture()  # kept once the steps run with it are healthy
-        self.mailbox.post(step, pack(backward.components, values), backward.names, context)
+        self.mailbox.post(step, pack(checks.pop("components"), values, checks.pop("rank_flags", None)),
+                          backward.names, context)
         self.steps_run += 1
         return self._decide(previous)
 
     def _check(self, b: Backward) -> dict[str, torch.Tensor]:
-        """Every flag of the step, as 0-dim device tensors (nothing here is read on the host)."""
+        """This rank's flags, as 0-dim device tensors (nothing here is read on the host)."""
         false = torch.zeros((), dtype=torch.bool, device=self.device)
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads \
             else torch.zeros((), device=self.device)
         floating = [buf for buf in self.buffers if buf.is_floating_point()]
         checks = {
+            "components": b.components,
             "total_loss": b.total.float(),
             "grad_norm": grad_norm,
             "nonfinite_loss": ~torch.isfinite(b.components).all(),
-            "nonfinite_grad": ~torch.isfinite(grad_norm),
+            # across ranks the gradients are already averaged: this rank's own, as the all-reduce hook saw them
+            "nonfinite_grad": ~torch.isfinite(grad_norm) if self.ranks is None else self.ranks.local_nonfinite_grad,
             "nonfinite_buffer": ~torch.isfinite(torch.stack(torch._foreach_norm(floating))).all() if floating
             else false,
-            "loss_spike": self.loss_spikes.update(b.total),
-            "grad_spike": self.grad_spikes.update(grad_norm),
             "scale_overflow": false,
         }
+        if self.ranks is not None:  # and as this rank holds them after the all-reduce
+            checks["nonfinite_grad_held"] = ~torch.isfinite(grad_norm)
         if self.scaler.enabled:  # an fp16 overflow is the scaler's business (it backs off): no incident
             overflow = self.scaler.found_inf(self.device)
+            checks["overflow"] = overflow
             checks["scale_overflow"] = overflow & ~checks["nonfinite_loss"]
             checks["nonfinite_grad"] = checks["nonfinite_grad"] & ~overflow  # fp16 can't tell NaN from overflow
-            checks["grad_spike"] = checks["grad_spike"] & ~overflow
         return checks
 
-    def _agree(self, checks: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The step's skip flag, final from here on. One process: its own checks. (Across ranks, one
-        all-reduce of this flag makes every rank take the same decision in the same step.)"""
+    def _agree(self, checks: dict[str, torch.Tensor], b: Backward) -> torch.Tensor:
+        """The step's skip flag, final from here on. Across ranks, one small all-reduce first: every
+        rank's flags (which rank saw what) and the averaged loss components, so that every rank judges
+        the same numbers and takes the same decision in the same step. Then the spikes, on those."""
+        if self.ranks is not None:
+            self.ranks.agree(checks)  # the flags become "any rank"; components and total the mean
+        checks["loss_spike"] = self.loss_spikes.update(checks["total_loss"])
+        checks["grad_spike"] = self.grad_spikes.update(checks["grad_norm"])
+        if "overflow" in checks:
+            checks["grad_spike"] = checks["grad_spike"] & ~checks.pop("overflow")
         incident = (checks["nonfinite_loss"] | checks["nonfinite_grad"] | checks["nonfinite_buffer"]
                     | checks["loss_spike"] | checks["grad_spike"])
         checks["incident"] = incident
@@ -256,7 +281,7 @@ class Guard:
         torch._foreach_copy_(self._buffer_snapshot, self.buffers)  # the state the next forward starts from
         if self.schedule is not None:
             self.schedule.advance(~skip)
-        values = {k: v for k, v in checks.items() if k != "incident"}
+        values = {k: v for k, v in checks.items() if k not in ("incident", "components", "rank_flags")}
         values.update(lr=lr, applied=~skip)
         if self.scaler.enabled:
             values["loss_scale"] = self.scaler.update_unless(checks["incident"])

@@ -100,7 +100,8 @@ def train_step(model: torch.nn.Module, stepper: Guard | PlainStep, batch: Batch,
     batch, invalid = drop_invalid_targets(batch)
     images, targets = to_tensors(batch, device)
     hooks.on_batch(images, targets, batch.image_ids)
-    context = StepContext(batch.image_ids, batch.annotation_ids, (batch.key.epoch, batch.key.position), invalid)
+    context = StepContext(batch.image_ids, batch.annotation_ids, (batch.key.epoch, batch.key.position), invalid,
+                          batch.rank_image_ids, batch.rank_annotation_ids)
     try:
         with autocast(device, amp):
             losses = model(images, targets)  # the four loss components, 0-dim device tensors

@@ -1,0 +1,88 @@
+"""torch.distributed for the guard: every rank takes the same decision in the same step.
+
+Runs on torch's own engines: the process group torchrun describes (gloo on CPU, NCCL on GPU) and
+DistributedDataParallel. Two things are added, both on the device, neither a host sync:
+- a DDP communication hook that looks at this rank's gradient buckets *before* they are averaged (a
+  NaN on one rank becomes a NaN on every rank after the all-reduce, and would no longer say whose it
+  was), then all-reduces them as DDP's default hook does;
+- `RankAgreement.agree`, at the guard's "agree" point: one all-reduce (SUM) of a small vector holding,
+  per rank, a 0/1 flag for each kind of local fault (never raw values compared with MAX: NCCL's MAX
+  returns 3 for max(NaN, 3)), then the loss components and total (their mean). Every rank then holds
+  the same flags and numbers, so the same spike detectors, the same policy, the same decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+LOCAL_KINDS = ("nonfinite_loss", "nonfinite_grad", "nonfinite_buffer")
+
+
+def init_process_group(device: torch.device, local_rank: int) -> torch.device:
+    """Join the job torchrun started (once); the device this rank trains on."""
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+class RankAgreement:
+    def __init__(self, device: torch.device) -> None:
+        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), device
+        self.local_nonfinite_grad = torch.zeros((), dtype=torch.bool, device=device)
+
+    def comm_hook(self, state, bucket):  # no annotations: DDP checks them, and this module postpones them
+        """DDP's all-reduce of one gradient bucket, after noting whether this rank's own values are finite.
+        When: DDP calls it during backward, bucket by bucket (`start_step` clears the note before)."""
+        buffer = bucket.buffer()
+        self.local_nonfinite_grad = self.local_nonfinite_grad | ~torch.isfinite(buffer).all()
+        buffer.div_(self.world)
+        return dist.all_reduce(buffer, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+    def start_step(self) -> None:
+        """When: before each backward."""
+        self.local_nonfinite_grad = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def agree(self, checks: dict[str, torch.Tensor]) -> None:
+        """Replace this rank's flags in `checks` with every rank's (any rank), the loss components and
+        total with their mean over ranks, and add `rank_flags` (1.0 for each rank that went bad itself)."""
+        kinds = LOCAL_KINDS + ("nonfinite_grad_held",)
+        flags = torch.zeros(len(kinds), self.world, device=self.device)
+        for k, kind in enumerate(kinds):
+            flags[k, self.rank] = checks.pop(kind) if kind == "nonfinite_grad_held" else checks[kind].float()
+        components = checks["components"].float()
+        vector = torch.cat([flags.reshape(-1), components, checks["total_loss"].float().reshape(1)])
+        dist.all_reduce(vector)  # SUM; the one collective the guard adds to a step
+        flags = vector[:flags.numel()].reshape(flags.shape) > 0.5
+        sent, held = flags[1], flags[3]
+        for k, kind in enumerate(LOCAL_KINDS):
+            checks[kind] = flags[k].any()
+        checks["nonfinite_grad"] = sent.any() | held.any()
+        # whose fault: a rank that sent a non-finite gradient (every rank then holds one), else a rank
+        # whose gradients went bad after the all-reduce (its own memory or device)
+        checks["rank_flags"] = flags[0] | sent | flags[2] | (held & ~sent.any())
+        checks["components"] = vector[flags.numel():-1] / self.world
+        checks["total_loss"] = vector[-1] / self.world
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every rank, rank by rank (a host sync: checkpoints and the end of a run only)."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """A digest of every parameter, bit for bit (host side: the end of a run). Not the BatchNorm
+    statistics: each rank's come from its own images (DDP broadcasts rank 0's at every forward)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
