@@ -35,7 +35,7 @@ LOSS_COMPONENTS: tuple[str, ...] = FASTER_RCNN.components
 STEP_FIELDS: tuple[str, ...] = (
     "total_loss", "grad_norm", "lr", "loss_scale", "nonfinite_loss", "nonfinite_grad",
     "nonfinite_buffer", "loss_spike", "grad_spike", "nonfinite_param", "wild_param", "scale_overflow",
-    "applied",
+    "applied", "rank_divergence",
 )
 
 # Incident kinds, most severe first: the first kind an observation has is its primary kind.
@@ -43,6 +43,7 @@ STEP_FIELDS: tuple[str, ...] = (
 INCIDENT_KINDS: tuple[str, ...] = (
     "nonfinite_param",
     "wild_param",
+    "rank_divergence",
     "nonfinite_buffer",
     "model_error",
     "nonfinite_loss",
@@ -59,7 +60,7 @@ NOTE_KINDS: frozenset[str] = frozenset({"invalid_target"})
 
 # Kinds that mean the model state is already corrupted: the update happened with nothing masked (a
 # flipped bit in a weight), so skipping cannot help; only a rollback can.
-CORRUPTION_KINDS: frozenset[str] = frozenset({"nonfinite_param", "wild_param"})
+CORRUPTION_KINDS: frozenset[str] = frozenset({"nonfinite_param", "wild_param", "rank_divergence"})
 
 # Kinds that point at the batch: the images in it are implicated (and counted for quarantine).
 # nonfinite_buffer is one of them: it is the BatchNorm statistics this batch's forward pass wrote, and
@@ -97,6 +98,7 @@ class Observation:
     grad_spike: bool = False
     wild_param: bool | None = None
     model_error: str | None = None
+    rank_divergence: bool | None = None  # distributed: the ranks' parameters differ (None: not compared)
     scale_overflow: bool = False
     applied: bool = True
     image_ids: tuple = ()
@@ -131,6 +133,7 @@ class Observation:
             grad_spike=flag["grad_spike"],
             nonfinite_param=flag["nonfinite_param"] if checked else None,
             wild_param=flag["wild_param"] if checked else None,
+            rank_divergence=flag["rank_divergence"] if not math.isnan(f["rank_divergence"]) else None,
             scale_overflow=flag["scale_overflow"], applied=flag["applied"], **context)
 
     def kinds(self, min_loss_scale: float | None = None) -> list[str]:
@@ -143,6 +146,7 @@ class Observation:
         found = {
             "nonfinite_param": self.nonfinite_param is True,
             "wild_param": self.wild_param is True,
+            "rank_divergence": self.rank_divergence is True,
             "nonfinite_buffer": self.nonfinite_buffer,
             "model_error": self.model_error is not None,
             "nonfinite_loss": self.nonfinite_loss,
@@ -180,6 +184,7 @@ class Observation:
         phrases = {
             "nonfinite_param": "non-finite parameter",
             "wild_param": "parameter beyond the wild bound (silent corruption)",
+            "rank_divergence": f"the ranks' parameters differ (rank(s) {', '.join(map(str, self.bad_ranks))} apart)",
             "nonfinite_buffer": "non-finite buffer",
             "model_error": f"model error: {self.model_error}",
             "nonfinite_grad": f"non-finite gradient (grad_norm={_fmt(self.grad_norm)})",

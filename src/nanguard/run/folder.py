@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,20 @@ class RunFolder:
         return folder
 
     @classmethod
-    def open(cls, path: Path) -> RunFolder:
-        """An existing run, for --resume."""
+    def open(cls, path: Path, *, wait: float = 0.0) -> RunFolder:
+        """An existing run, for --resume. `wait`: seconds to wait for a holder to let go (a job that
+        torchrun restarts: its previous process may still be exiting)."""
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():
             raise UserError(f"--resume {path}: not a run folder (no {CONFIG_FILE}); start a run with --out")
-        return cls(path, _lock(path))
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return cls(path, _lock(path))
+            except UserError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
 
     @classmethod
     def follower(cls, path: Path) -> RunFolder:

@@ -41,7 +41,8 @@ def run(args) -> int:
         raise UserError("--resume RUN continues RUN in place; drop --out")
 
     if args.resume is not None:
-        folder = RunFolder.open(args.resume) if ranks.writer else RunFolder.follower(Path(args.resume))
+        folder = (RunFolder.open(args.resume, wait=60.0 if ranks.restarts else 0.0) if ranks.writer
+                  else RunFolder.follower(Path(args.resume)))
         try:
             saved = config_from_dict(folder.read_config(), str(folder.path / "config.yaml"))
             cfg = _with_injections(_resume_overrides(saved, args.overrides), args.inject)

@@ -5,10 +5,12 @@ DistributedDataParallel. Two things are added, both on the device, neither a hos
 - a DDP communication hook that looks at this rank's gradient buckets *before* they are averaged (a
   NaN on one rank becomes a NaN on every rank after the all-reduce, and would no longer say whose it
   was), then all-reduces them as DDP's default hook does;
-- `RankAgreement.agree`, at the guard's "agree" point: one all-reduce (SUM) of a small vector holding,
-  per rank, a 0/1 flag for each kind of local fault (never raw values compared with MAX: NCCL's MAX
-  returns 3 for max(NaN, 3)), then the loss components and total (their mean). Every rank then holds
-  the same flags and numbers, so the same spike detectors, the same policy, the same decision.
+- `RankAgreement.agree`, at the guard's "agree" point: one all-reduce (SUM, float64) of a small vector
+  holding, per rank, a 0/1 flag for each kind of local fault (never raw values compared with MAX:
+  NCCL's MAX returns 3 for max(NaN, 3)), on parameter-check steps each rank's parameter digest in its
+  own slot, then the loss components and total (their mean). Every rank then holds the same flags,
+  digests and numbers, so the same spike detectors, the same policy, the same decision; parameters
+  that differ between ranks are an incident (`rank_divergence`), rolled back like a corrupted weight.
 """
 
 from __future__ import annotations
@@ -53,13 +55,22 @@ class RankAgreement:
         """Replace this rank's flags in `checks` with every rank's (any rank), the loss components and
         total with their mean over ranks, and add `rank_flags` (1.0 for each rank that went bad itself)."""
         kinds = LOCAL_KINDS + ("nonfinite_grad_held",)
-        flags = torch.zeros(len(kinds), self.world, device=self.device)
+        flags = torch.zeros(len(kinds), self.world, dtype=torch.float64, device=self.device)
         for k, kind in enumerate(kinds):
-            flags[k, self.rank] = checks.pop(kind) if kind == "nonfinite_grad_held" else checks[kind].float()
-        components = checks["components"].float()
-        vector = torch.cat([flags.reshape(-1), components, checks["total_loss"].float().reshape(1)])
+            flags[k, self.rank] = checks.pop(kind) if kind == "nonfinite_grad_held" else checks[kind].double()
+        digest = checks.pop("param_digest", None)
+        digests = torch.zeros(self.world, dtype=torch.float64, device=self.device)
+        if digest is not None:
+            digests[self.rank] = digest
+        components = checks["components"].double()
+        vector = torch.cat([flags.reshape(-1), digests, components, checks["total_loss"].double().reshape(1)])
         dist.all_reduce(vector)  # SUM; the one collective the guard adds to a step
-        flags = vector[:flags.numel()].reshape(flags.shape) > 0.5
+        n = flags.numel()
+        flags, digests, vector = vector[:n].reshape(flags.shape) > 0.5, vector[n:n + self.world], vector[n + self.world:]
+        if digest is not None:  # every rank holds every rank's digest: the same verdict everywhere
+            apart = digests != digests[0]  # NaN != NaN: a non-finite digest is apart too
+            checks["rank_divergence"] = apart.any()
+            flags = torch.cat([flags, apart.reshape(1, -1)])
         sent, held = flags[1], flags[3]
         for k, kind in enumerate(LOCAL_KINDS):
             checks[kind] = flags[k].any()
@@ -67,8 +78,10 @@ class RankAgreement:
         # whose fault: a rank that sent a non-finite gradient (every rank then holds one), else a rank
         # whose gradients went bad after the all-reduce (its own memory or device)
         checks["rank_flags"] = flags[0] | sent | flags[2] | (held & ~sent.any())
-        checks["components"] = vector[flags.numel():-1] / self.world
-        checks["total_loss"] = vector[-1] / self.world
+        if digest is not None:
+            checks["rank_flags"] = checks["rank_flags"] | flags[4]
+        checks["components"] = (vector[:-1] / self.world).float()
+        checks["total_loss"] = (vector[-1] / self.world).float()
 
 
 def gather_objects(obj: Any) -> list[Any]:

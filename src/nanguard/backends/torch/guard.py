@@ -241,6 +241,11 @@ class Guard:
         }
         if self.ranks is not None:  # and as this rank holds them after the all-reduce
             checks["nonfinite_grad_held"] = ~torch.isfinite(grad_norm)
+            # the weights this step ran with, on the check grid and right after a snapshot (which a
+            # divergence must keep from being confirmed)
+            if self.steps_run % self.config.param_check_every == 0 or self._snapshot_due(self.steps_run - 1):
+                l1 = torch._foreach_norm([p.detach() for p in self.params], 1)
+                checks["param_digest"] = torch.stack(l1).double().sum()
         if self.scaler.enabled:  # an fp16 overflow is the scaler's business (it backs off): no incident
             overflow = self.scaler.found_inf(self.device)
             checks["overflow"] = overflow
@@ -260,6 +265,8 @@ class Guard:
             checks["grad_spike"] = checks["grad_spike"] & ~checks.pop("overflow")
         incident = (checks["nonfinite_loss"] | checks["nonfinite_grad"] | checks["nonfinite_buffer"]
                     | checks["loss_spike"] | checks["grad_spike"])
+        if "rank_divergence" in checks:
+            incident = incident | checks["rank_divergence"]
         checks["incident"] = incident
         return incident | checks["scale_overflow"]
 

@@ -1,0 +1,124 @@
+"""Two processes on the CPU (gloo, torchrun through `nanguard train --nproc 2`): every rank takes the
+same decision in the same step, the incident names the rank that went bad, the ranks end with the same
+weights, and a run stopped (or a rank killed) and resumed ends as the run that never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+pytest.importorskip("torch.distributed")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("this torch has no gloo backend", allow_module_level=True)
+
+ARGS = ["model.min_size=64", "model.max_size=64", "model.rpn_pre_nms_top_n_train=100",
+        "model.rpn_post_nms_top_n_train=50", "model.box_batch_size_per_image=32", "train.batch_size=2",
+        "train.warmup_steps=2", "train.log_every=1", "train.eval_at_end=false", "train.threads=1", "data.prefetch=1"]
+
+
+def nanguard(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run([sys.executable, "-m", "nanguard", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def train(run: Path, data: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    done = nanguard("train", "--nproc", str(nproc), "--quiet", "--out", str(run), f"data.root={data}", *ARGS, *extra)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def final(run: Path) -> dict:
+    return json.loads((run / "final.json").read_text())
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["backend"]["model"]
+
+
+def test_a_gradient_fault_on_rank_1_is_skipped_by_both_and_named(shapes, tmp_path):
+    run = tmp_path / "grad"
+    train(run, shapes, "train.steps=8", "--inject", "grad_nan@5:rank=1")
+    incidents = lines(run / "incidents.jsonl")
+    assert [(r["step"], r["kind"], r["action"], r["bad_ranks"], r["applied"]) for r in incidents] == [
+        (5, "nonfinite_grad", "skip", [1], False)]
+    digests = final(run)["rank_param_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1] and final(run)["status"] == "completed"
+    assert len(incidents[0]["image_ids"]) == 2  # rank 1's two images, not the global batch of four
+
+
+def test_faults_on_different_ranks_are_acted_on_together(shapes, tmp_path):
+    run = tmp_path / "both"
+    train(run, shapes, "train.steps=14", "policy.snapshot_every=4", "policy.snapshot_healthy=1",
+          "policy.snapshot_confirm=1", "guard.param_check_every=2",
+          "--inject", "nan_input@4:rank=0", "--inject", "lr_spike@6:rank=1:factor=1000")
+    incidents = {r["step"]: r for r in lines(run / "incidents.jsonl")}
+    assert incidents[4]["bad_ranks"] == [0] and incidents[4]["action"] == "skip"
+    # rank 1 alone applied the blown-up update: the ranks' weights differ, which is caught and rolled back
+    divergence = [r for r in incidents.values() if "rank_divergence" in r["kinds"]]
+    assert divergence and divergence[0]["bad_ranks"] == [1] and divergence[0]["action"] == "rollback"
+    digests = final(run)["rank_param_digests"]
+    assert digests[0] == digests[1] and final(run)["weights_finite"]
+
+
+def test_stopped_and_resumed_on_two_ranks_is_bit_identical(shapes, tmp_path):
+    common = ["train.steps=12", "train.checkpoint_every=3", "policy.snapshot_confirm=1", "--inject", "grad_nan@4:rank=1"]
+    train(tmp_path / "straight", shapes, *common)
+    train(tmp_path / "resumed", shapes, *common, "--steps", "6")
+    done = nanguard("train", "--nproc", "2", "--quiet", "--resume", str(tmp_path / "resumed"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(tmp_path / "straight", 12), weights(tmp_path / "resumed", 12)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert [r["step"] for r in lines(tmp_path / "resumed" / "metrics.jsonl")] == list(range(12))
+
+
+def rank_pid(run: Path, rank: int) -> int | None:
+    """The pid of the training process of `rank` whose command names `run`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run).encode() in cmdline and b"nanguard" in cmdline and f"RANK={rank}".encode() in environ \
+                and b"torch.distributed.run" not in cmdline:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_rank_is_restarted_by_torchrun_and_ends_as_the_uninterrupted_run(shapes, tmp_path):
+    common = ["train.steps=30", "train.checkpoint_every=5", "policy.snapshot_confirm=1"]
+    train(tmp_path / "straight", shapes, *common)
+    run = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+         "-m", "nanguard", "train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS, *common],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(lines(run / "metrics.jsonl")) < 12:
+        time.sleep(0.2)
+    pid = rank_pid(run, 1)
+    assert pid is not None, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-4000:]  # noqa
+
+    a, b = weights(tmp_path / "straight", 30), weights(run, 30)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert final(run)["rank_param_digests"] == final(tmp_path / "straight")["rank_param_digests"]
