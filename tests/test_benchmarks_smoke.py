@@ -26,7 +26,7 @@ MACHINE_KEYS = {"cpu_count", "torch", "torchvision", "device_name"}
 def run_benchmark(name: str, *argv: str) -> str:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *argv], cwd=REPO,
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 
@@ -113,3 +113,13 @@ def test_diagnosis_accuracy_smoke(tmp_path):
     assert [(s["kind"], s["verdict"], s["right"]) for s in result["scenarios"]] == [("grad_nan", "transient", True)]
     assert result["overall_accuracy"] == 1.0 and result["clean_run"]["ratio_first_over_off"] > 0
     assert "diagnosis accuracy" in stdout
+
+
+def test_distributed_overhead_smoke(tmp_path):
+    out = tmp_path / "distributed_overhead.json"
+    stdout = run_benchmark("distributed_overhead", "--steps", "2", "--rounds", "1", "--size", "64", "--batch", "1",
+                           "--collective-reps", "5", "--plain-table", "--json-out", str(out))
+    result = read(out)
+    assert result["nproc"] == 2 and result["ratio_guarded_over_unguarded"] > 0
+    assert set(result["s_per_step"]) == {"guarded", "unguarded"} and len(result["collective_ms"]) == 3
+    assert "one all-reduce" in stdout
