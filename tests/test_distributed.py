@@ -122,3 +122,36 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_ends_as_the_uninterrupted_ru
     a, b = weights(tmp_path / "straight", 30), weights(run, 30)
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert final(run)["rank_param_digests"] == final(tmp_path / "straight")["rank_param_digests"]
+
+
+RESTART_WORKER = """
+import os, sys, time
+import torch, torch.distributed as dist
+from nanguard.backends.torch.distributed import init_process_group
+from nanguard.run.ranks import Ranks
+ranks = Ranks.from_env()
+if ranks.restarts and ranks.rank == 1:
+    time.sleep(3)  # the restarted peer is slow: rank 0 reads its key first
+init_process_group(torch.device("cpu"), ranks)
+total = torch.ones(1)
+dist.all_reduce(total)
+print(f"restart {ranks.restarts} rank {ranks.rank} sum {int(total.item())}", flush=True)
+if not ranks.restarts:
+    if ranks.rank == 1:
+        os._exit(1)
+    time.sleep(5)
+dist.destroy_process_group()
+"""
+
+
+def test_a_restarted_job_meets_afresh_even_when_a_peer_is_slow(tmp_path):
+    # torchrun keeps one store across restarts; the first attempt's addresses must not be dialled again
+    script = tmp_path / "worker.py"
+    script.write_text(RESTART_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--max-restarts=1", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("restart 1")) == [
+        "restart 1 rank 0 sum 2", "restart 1 rank 1 sum 2"]

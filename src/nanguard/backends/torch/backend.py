@@ -86,7 +86,7 @@ class TorchBackend:
     def setup(self, cfg: Config, num_classes: int, *, faults: FaultPlan, injections) -> None:
         self.ranks = Ranks.from_env()
         if self.ranks.distributed:
-            self.device = init_process_group(self.device, self.ranks.local_rank)
+            self.device = init_process_group(self.device, self.ranks)
         torch.manual_seed(cfg.seed + self.ranks.rank)  # DDP gives every rank rank 0's initial weights
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)

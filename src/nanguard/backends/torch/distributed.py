@@ -16,21 +16,38 @@ DistributedDataParallel. Two things are added, both on the device, neither a hos
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import os
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from nanguard.run.ranks import Ranks
+
 LOCAL_KINDS = ("nonfinite_loss", "nonfinite_grad", "nonfinite_buffer")
 
 
-def init_process_group(device: torch.device, local_rank: int) -> torch.device:
-    """Join the job torchrun started (once); the device this rank trains on."""
+def init_process_group(device: torch.device, ranks: Ranks) -> torch.device:
+    """Join the job torchrun started (once); the device this rank trains on.
+
+    After a `--max-restarts` restart, torchrun's agent serves the *same* store as before, still holding
+    the old processes' addresses: a rank that reads its peer's key before the peer rewrites it dials a
+    dead port ("Gloo connectFullMesh failed ... Connection refused"). Each restart therefore meets
+    under its own key prefix."""
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if ranks.restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timedelta(minutes=30))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"nanguard/restart_{ranks.restarts}", store),
+                                    rank=ranks.rank, world_size=ranks.world)
+        else:
+            dist.init_process_group(backend)
     return device
 
 
