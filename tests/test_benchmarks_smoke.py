@@ -118,8 +118,9 @@ def test_diagnosis_accuracy_smoke(tmp_path):
 def test_distributed_overhead_smoke(tmp_path):
     out = tmp_path / "distributed_overhead.json"
     stdout = run_benchmark("distributed_overhead", "--steps", "2", "--rounds", "1", "--size", "64", "--batch", "1",
-                           "--collective-reps", "5", "--plain-table", "--json-out", str(out))
+                           "--collective-reps", "5", "--plain-table", "--no-scale", "--json-out", str(out))
     result = read(out)
     assert result["nproc"] == 2 and result["ratio_guarded_over_unguarded"] > 0
-    assert set(result["s_per_step"]) == {"guarded", "unguarded"} and len(result["collective_ms"]) == 3
+    assert set(result["s_per_step"]) == {"guarded", "unguarded"} and len(result["collective_ms"]) == 4
+    assert result["rollback_at_scale_seconds"] is None  # --no-scale
     assert "one all-reduce" in stdout
