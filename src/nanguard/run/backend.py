@@ -82,6 +82,11 @@ class Backend(Protocol):
         """A digest of the parameters of every rank, rank by rank (a collective: every rank calls it at
         the end of a run); one entry in one process."""
 
+    def close(self) -> None:
+        """When: once, at the end of `nanguard train` (every rank, also after an error): release what
+        setup took (a distributed run's process group: left to the interpreter's exit, gloo's threads
+        can abort the process, "terminate called without an active exception")."""
+
     # Replay (nanguard.explain): nothing of it runs unless a step is bad.
 
     def keep_replay_state(self, want: Callable[[Observation], bool] | None) -> None:

@@ -100,9 +100,12 @@ def train(cfg: Config, folder: RunFolder, backend: Backend, *, resuming: bool, q
     """Train (or resume) the run in `folder` until step `stop_at` (default: train.steps; the LR
     schedule always spans train.steps, so stopping early and resuming changes nothing); returns
     final.json's content."""
-    training = Training(cfg, folder, backend, resuming=resuming, quiet=quiet)
-    training.loop(cfg.train.steps if stop_at is None else stop_at)
-    return training.finish()
+    try:
+        training = Training(cfg, folder, backend, resuming=resuming, quiet=quiet)
+        training.loop(cfg.train.steps if stop_at is None else stop_at)
+        return training.finish()
+    finally:
+        backend.close()
 
 
 class Training:

@@ -204,6 +204,11 @@ class TorchBackend:
         digest = param_digest(self.model)
         return gather_objects(digest) if self.ranks.distributed else [digest]
 
+    def close(self) -> None:
+        ranks = getattr(self, "ranks", None)
+        if ranks is not None and ranks.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def weights_finite(self) -> bool:
         return bool(all(torch.isfinite(p).all() for p in self.model.parameters()))  # sync-ok: end of run
 
