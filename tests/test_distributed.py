@@ -75,6 +75,17 @@ def test_faults_on_different_ranks_are_acted_on_together(shapes, tmp_path):
     assert digests[0] == digests[1] and final(run)["weights_finite"]
 
 
+def test_a_flipped_sign_bit_on_one_rank_is_a_divergence_rolled_back(shapes, tmp_path):
+    # finite, and invisible to any norm: only the parameter digest across ranks can see it
+    run = tmp_path / "sign"
+    train(run, shapes, "train.steps=12", "policy.snapshot_every=2", "policy.snapshot_healthy=1",
+          "policy.snapshot_confirm=1", "guard.param_check_every=2", "--inject", "weight_bitflip@5:rank=1:bit=31")
+    divergence = [r for r in lines(run / "incidents.jsonl") if "rank_divergence" in r["kinds"]]
+    assert divergence and divergence[0]["bad_ranks"] == [1] and divergence[0]["action"] == "rollback"
+    assert final(run)["status"] == "completed"
+    assert final(run)["rank_param_digests"][0] == final(run)["rank_param_digests"][1]
+
+
 def test_stopped_and_resumed_on_two_ranks_is_bit_identical(shapes, tmp_path):
     common = ["train.steps=12", "train.checkpoint_every=3", "policy.snapshot_confirm=1", "--inject", "grad_nan@4:rank=1"]
     train(tmp_path / "straight", shapes, *common)

@@ -244,8 +244,11 @@ class Guard:
             # the weights this step ran with, on the check grid and right after a snapshot (which a
             # divergence must keep from being confirmed)
             if self.steps_run % self.config.param_check_every == 0 or self._snapshot_due(self.steps_run - 1):
-                l1 = torch._foreach_norm([p.detach() for p in self.params], 1)
-                checks["param_digest"] = torch.stack(l1).double().sum()
+                # L1 norms miss a flipped sign bit; the signed sums see it (float64: no cancellation)
+                detached = [p.detach() for p in self.params]
+                l1 = torch.stack(torch._foreach_norm(detached, 1)).double().sum()
+                signed = torch.stack([p.sum(dtype=torch.float64) for p in detached]).sum()
+                checks["param_digest"] = l1 + signed * torch.pi
         if self.scaler.enabled:  # an fp16 overflow is the scaler's business (it backs off): no incident
             overflow = self.scaler.found_inf(self.device)
             checks["overflow"] = overflow
