@@ -76,6 +76,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.02  # cosine ends at lr * min_lr_ratio
     amp: Literal["off", "bf16", "fp16"] = "off"
     log_every: int = 20
+    tensorboard: bool = False  # also log metrics and incidents to RUN_DIR/tensorboard (needs tensorboard)
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     eval_at_end: bool = True

@@ -23,6 +23,7 @@ def run(args) -> int:
     from nanguard.guard import parse_fault
     from nanguard.run.backend import create_backend
     from nanguard.run.folder import RunFolder
+    from nanguard.run.tensorboard import require_tensorboard
     from nanguard.run.trainer import train
 
     if getattr(args, "nproc", None):
@@ -46,6 +47,7 @@ def run(args) -> int:
         try:
             saved = config_from_dict(folder.read_config(), str(folder.path / "config.yaml"))
             cfg = _with_injections(_resume_overrides(saved, args.overrides), args.inject)
+            require_tensorboard(cfg.train.tensorboard)
             if cfg != saved and folder.writer:  # validated above: the overrides become part of the record
                 folder.write_config(dump_yaml(cfg))
         except BaseException:
@@ -53,6 +55,7 @@ def run(args) -> int:
             raise
     else:
         cfg = _with_injections(load_config(args.config, args.overrides), args.inject)
+        require_tensorboard(cfg.train.tensorboard)
     backend = create_backend(cfg.backend, args.device)  # a bad --device or weights file: refused before
     backend.check_config(cfg)  # anything is written
     if args.resume is None:

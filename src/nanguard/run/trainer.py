@@ -45,6 +45,7 @@ from nanguard.run.checkpoints import Checkpoints
 from nanguard.run.data import DataPaths, resolve_data, training_index, validation_data
 from nanguard.run.folder import RunFolder, io_error
 from nanguard.run.ranks import Ranks
+from nanguard.run.tensorboard import NullTensorBoard, TensorBoard
 
 
 @dataclass
@@ -64,8 +65,10 @@ class Counters:
 class Metrics:
     """metrics.jsonl: one line every train.log_every steps (and the last), with img/s since the last."""
 
-    def __init__(self, folder: RunFolder, log_every: int, last_step: int, progress: TrainProgress) -> None:
+    def __init__(self, folder: RunFolder, log_every: int, last_step: int, progress: TrainProgress,
+                 tensorboard: TensorBoard | NullTensorBoard) -> None:
         self.folder, self.log_every, self.last_step, self.progress = folder, log_every, last_step, progress
+        self.tensorboard = tensorboard
         self.marks: dict[int, tuple[float, int]] = {}  # step -> (time, images so far) when it had run
         self.images = 0
 
@@ -88,10 +91,12 @@ class Metrics:
         rate = (n1 - n0) / max(t1 - t0, 1e-9)
         self.marks = {k: v for k, v in self.marks.items() if k >= obs.step}
         self.last_logged = obs.step
-        self.folder.append("metrics.jsonl", json_safe({
+        line = json_safe({
             "step": obs.step, **obs.losses, "total_loss": obs.total_loss, "lr": obs.lr,
             "grad_norm": obs.grad_norm, "images_per_second": round(rate, 3), "applied": obs.applied,
-            **({"loss_scale": obs.loss_scale} if obs.loss_scale is not None else {})}))
+            **({"loss_scale": obs.loss_scale} if obs.loss_scale is not None else {})})
+        self.folder.append("metrics.jsonl", line)
+        self.tensorboard.metrics(obs.step, line)
         self.progress.metrics(obs.total_loss, rate)
 
 
@@ -155,7 +160,9 @@ class Training:
     def loop(self, total_steps: int) -> None:
         counters, backend, loader = self.counters, self.backend, self.loader
         self.progress = TrainProgress(total_steps, start=counters.step, enabled=not self.quiet)
-        self.metrics = Metrics(self.folder, self.cfg.train.log_every, total_steps - 1, self.progress)
+        tensorboard = self.cfg.train.tensorboard and self.folder.writer
+        self.tensorboard = TensorBoard(self.folder.path, counters.step) if tensorboard else NullTensorBoard()
+        self.metrics = Metrics(self.folder, self.cfg.train.log_every, total_steps - 1, self.progress, self.tensorboard)
         started = time.perf_counter()
         self.metrics.start(counters.step)
         try:
@@ -187,6 +194,7 @@ class Training:
                             now=last)
         finally:
             loader.close()
+            self.tensorboard.close()
 
     def handle(self, outcomes: list[Outcome]) -> None:
         """The policy's outcomes: quarantine, the incident line (diagnosed first when explain.auto asks),
@@ -201,6 +209,7 @@ class Training:
                 if diagnosis is not None:
                     record["diagnosis"] = json_safe(diagnosis.to_dict())
                 self.incidents.write(record)
+                self.tensorboard.incident(outcome.observation.step, record)
                 self.progress.incident(outcome.observation.step, decision, diagnosis)
             self.metrics.write(outcome)
             self.pending.observe(outcome)
