@@ -30,6 +30,15 @@ def test_a_step_that_does_not_reproduce_is_transient():
     assert d.verdict == "transient" and d.reproduced is False and "GPU" in d.advice
 
 
+def test_a_wild_weight_whose_step_replays_healthy_is_still_corrupted_weights():
+    # a flipped exponent bit in a bias the loss barely feels: the parameter check caught it, the replay
+    # of the step is healthy, and the state it ran with holds the culprit
+    d = judge(record(["wild_param"]), facts(reproduced=False, losses={"total_loss": 0.5}, grad_norm=1.8,
+                                           nonfinite_components=[], state_wild=1, weight_change=1e-4,
+                                           state_tensors=["backbone.body.2.block.1.1.bias"]))
+    assert (d.verdict, d.module) == ("corrupted_weights", "backbone.body.2.block.1.1.bias")
+
+
 def test_non_finite_pixels_in_the_image_that_fails_alone_make_a_bad_image():
     images = [ImageFacts(1, (10,), fails_alone=False), ImageFacts(2, (20, 21), fails_alone=True, nonfinite_pixels=99)]
     d = judge(record(["nonfinite_loss"]), facts(images=images, forward=OpSite("sub", "transform", "forward", False)))

@@ -167,16 +167,16 @@ def _model_error(record: dict[str, Any]) -> Diagnosis:
 
 
 def _judge_replay(record: dict[str, Any], facts: ReplayFacts, lr: float | None, param_abs_max: float) -> Diagnosis:
-    """The rules in order: not reproduced; the state itself bad; the data (the images that fail alone);
+    """The rules in order: the state itself bad; not reproduced; the data (the images that fail alone);
     the state drifted (healthy on the older one); fp16; an op that makes non-finite values; unknown."""
     evidence = _replay_evidence(facts)
     site = facts.forward if facts.forward is not None else facts.backward
     located = dict(first_op=site.op if site else None, module=site.module or None if site else None,
                    loss_component=_first_component(facts.nonfinite_components or record.get("components") or []))
+    if facts.state_nonfinite + facts.state_wild:  # a fact of the state, whether or not the step's loss showed it
+        return _bad_state(record, facts, evidence, lr, param_abs_max)
     if not facts.reproduced:
         return _not_reproduced(record, facts, evidence)
-    if facts.state_nonfinite + facts.state_wild:
-        return _bad_state(record, facts, evidence, lr, param_abs_max)
     data = _bad_data(facts, evidence, located)
     if data is not None:
         return data

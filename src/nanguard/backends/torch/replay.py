@@ -290,7 +290,8 @@ def _replay(bundle: dict[str, Any], cfg: Config, device: torch.device) -> Replay
     if facts.amp != "off":  # does float32 make the same non-finite value (a spike alone is not AMP's doing)?
         full = replayer.run(state, amp="off")
         facts.full_precision_ok = not (full.nonfinite if first.nonfinite else full.bad)
-    if first.nonfinite or not facts.reference_ok:  # a spike the older state shares: look at the images
+    bad_state = facts.state_nonfinite or facts.state_wild  # the verdict is the state's: no image is to blame
+    if (first.nonfinite or not facts.reference_ok) and not bad_state:  # a spike the older state shares: the images
         facts.images = _image_facts(replayer, bundle, state)
     return facts
 
