@@ -1,0 +1,279 @@
+"""The guard for MindSpore, inside one compiled train step: `GuardedTrainStep`.
+
+    step = GuardedTrainStep(network_with_losses, optimizer, GuardConfig())
+    for inputs in batches:
+        components, vector = step(*inputs)            # one guarded step (graph mode or PyNative)
+        for observation in reader.push(step_no, components, vector): ...   # the previous step's, read late
+
+`network_with_losses(*inputs)` returns a tuple of scalar loss components; their sum is trained. In one
+cell, with no Python `if` on a tensor (so graph mode compiles it whole and nothing waits for the host):
+
+  save    every Parameter the step may write (weights, BatchNorm moving statistics, the optimizer's
+          moments, its global step) into a shadow copy
+  check   each loss component, every gradient (unscaled), the global gradient norm, the BatchNorm
+          statistics this forward wrote, loss and gradient-norm spikes (the rule of
+          `nanguard.guard.spikes`, on the device), and after the update the weights themselves
+  apply   clip by the global norm (after the check: a NaN norm would turn every clipped gradient into
+          NaN), the optimizer's update, then every saved Parameter selected back from its shadow where the
+          step is bad: a skipped step leaves weights, moments, BatchNorm statistics and the optimizer's
+          step counter (and so a dynamic learning rate) bit-identical, for any MindSpore optimizer
+  send    the loss components and the step's numbers (`nanguard.guard.STEP_FIELDS`) as outputs, so that
+          no event is lost in sink mode; the host reads them one step late (`StepReader`)
+
+`TrainOneStepWithLossScaleCell` is the cell this replaces: it skips an overflowed step on Ascend and GPU
+only, not on CPU; MindSpore's `clip_by_global_norm` passes NaN gradients through when the norm is NaN.
+With `loss_scale=` (fp16), an overflow is the scaler's business: it halves the scale and the step is
+skipped without an incident; a guard incident leaves the scale as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from nanguard.guard import STEP_FIELDS, GuardConfig, Observation
+from nanguard.guard.spikes import MAD_TO_STD
+
+_FIELD = {name: i for i, name in enumerate(STEP_FIELDS)}
+
+
+class DeviceSpikes(nn.Cell):
+    """The device mirror of `nanguard.guard.spikes.SpikeDetector` (same algorithm, same defaults).
+
+    The window is a ring buffer of the last `window` accepted values; empty slots are NaN. The lower
+    median of the accepted values is the ((count - 1) // 2)-th of them sorted, with empty slots sorted
+    last (as +inf). float64, so the bounds agree with the pure-Python reference.
+    """
+
+    def __init__(self, name: str, window: int = 50, min_history: int = 20, threshold: float = 10.0,
+                 min_ratio: float = 2.0, rel_eps: float = 1e-3, early_history: int = 3,
+                 early_ratio: float = 10.0) -> None:
+        super().__init__()
+        if window < 1 or not 1 <= min_history <= window:
+            raise ValueError(f"need 1 <= min_history <= window, got {min_history=} {window=}")
+        self.window, self.min_history = int(window), int(min_history)
+        self.threshold, self.min_ratio, self.rel_eps = float(threshold), float(min_ratio), float(rel_eps)
+        self.early_history, self.early_ratio = int(early_history), float(early_ratio)
+        self.values = Parameter(Tensor(np.full(self.window, np.nan), ms.float64), name=f"{name}.values",
+                                requires_grad=False)
+        self.next = Parameter(Tensor(0, ms.int32), name=f"{name}.next", requires_grad=False)
+        self.count = Parameter(Tensor(0, ms.int32), name=f"{name}.count", requires_grad=False)
+        self.slots = Tensor(np.arange(self.window), ms.int32)
+
+    def construct(self, x: Tensor) -> Tensor:
+        """Judge the scalar `x`; add it to the window unless it is non-finite or a spike. Returns a
+        0-dim bool tensor."""
+        x = ops.cast(x, ms.float64).reshape(())
+        values, count = self.values, self.count
+        finite = ops.isfinite(x)
+        valid = ops.logical_not(ops.isnan(values))
+        inf = ops.full_like(values, math.inf)
+        middle = ops.maximum(count - 1, 0) // 2
+        median = ops.sort(ops.select(valid, values, inf))[0][middle]
+        mad = ops.sort(ops.select(valid, ops.abs(values - median), inf))[0][middle]
+        scale = ops.maximum(mad, self.rel_eps * ops.abs(median))
+        bound = ops.maximum(median + self.threshold * MAD_TO_STD * scale, self.min_ratio * median)
+        learning = count < self.min_history
+        spike = ops.logical_and(ops.logical_not(learning), x > bound)
+        if self.early_history:  # a setting, not a tensor: decided when the cell is built
+            early_bound = self.early_ratio * ops.select(valid, values, -inf).max()
+            early = ops.logical_and(ops.logical_and(learning, count >= self.early_history), x > early_bound)
+            spike = ops.logical_or(spike, early)
+        spike = ops.logical_and(finite, spike)
+        accept = ops.logical_and(finite, ops.logical_not(spike))
+        slot = ops.logical_and(self.slots == self.next, accept)
+        ops.assign(self.values, ops.select(slot, ops.full_like(values, 0) + x, values))
+        ops.assign(self.next, ops.select(accept, (self.next + 1) % self.window, self.next))
+        ops.assign(self.count, ops.select(accept, ops.minimum(count + 1, self.window), count))
+        return spike
+
+
+class _ScaledTotal(nn.Cell):
+    """(sum of the loss components * scale, the components): the first is what is differentiated."""
+
+    def __init__(self, network: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.network = network
+
+    def construct(self, scale: Tensor, *inputs: Any) -> tuple[Tensor, Tensor]:
+        losses = self.network(*inputs)
+        components = ops.stack([ops.cast(loss, ms.float32).reshape(()) for loss in losses])
+        return ops.cast(components.sum(), ms.float32) * scale, components
+
+
+def _state_parameters(*cells: nn.Cell) -> list[Parameter]:
+    """Every Parameter of the cells (weights, BatchNorm statistics, an optimizer's moments and step),
+    each once."""
+    seen: set[int] = set()
+    found = []
+    for cell in cells:
+        for _, p in cell.parameters_and_names():
+            if id(p) not in seen:
+                seen.add(id(p))
+                found.append(p)
+    return found
+
+
+class GuardedTrainStep(nn.Cell):
+    """One guarded training step: the guarded counterpart of `TrainOneStepWithLossScaleCell`, on CPU
+    too. See the module docstring.
+
+    network:   a Cell whose construct(*inputs) returns a tuple (or list) of scalar loss components
+    optimizer: any `nn.Optimizer` over the network's trainable parameters
+    config:    `GuardConfig` (clip_norm, spike_*, param_abs_max); `GuardConfig()` by default
+    loss_scale: None (fp32 / bf16) or the initial dynamic loss scale for fp16 (e.g. 2**16); the scale
+               halves on an overflow and doubles after `scale_window` overflow-free steps
+
+    Calling it returns (components: float32[C], vector: float64[len(STEP_FIELDS)]).
+    """
+
+    def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, config: GuardConfig | None = None, *,
+                 loss_scale: float | None = None, scale_window: int = 2000) -> None:
+        super().__init__(auto_prefix=False)
+        config = config or GuardConfig()
+        self.network, self.optimizer = network, optimizer
+        self.network.set_train()  # as TrainOneStepCell does: BatchNorm uses and updates batch statistics
+        self.weights = optimizer.parameters
+        self.clip_norm = float(config.clip_norm)
+        self.param_abs_max = float(config.param_abs_max)
+        self.scaled = _ScaledTotal(network)
+        self.grad_fn = ops.value_and_grad(self.scaled, None, self.weights, has_aux=True)
+        self.state = _state_parameters(network, optimizer)
+        self.shadow = ms.ParameterTuple([Parameter(p.value().copy(), name=f"nanguard_shadow.{i}",
+                                                   requires_grad=False) for i, p in enumerate(self.state)])
+        self.state = ms.ParameterTuple(self.state)
+        in_network = {id(p) for p in network.get_parameters()}
+        self.buffers = ms.ParameterTuple([p for p in self.state if not p.requires_grad and id(p) in in_network
+                                          and p.dtype in (ms.float16, ms.float32, ms.float64, ms.bfloat16)])
+        self.loss_spikes = DeviceSpikes("nanguard_loss_spikes", **config.spike_settings())
+        self.grad_spikes = DeviceSpikes("nanguard_grad_spikes", **config.spike_settings())
+        self.scaling = loss_scale is not None
+        self.scale = Parameter(Tensor(float(loss_scale or 1.0), ms.float32), name="nanguard_loss_scale",
+                               requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, ms.int32), name="nanguard_good_steps", requires_grad=False)
+        self.scale_window = int(scale_window)
+        self.hyper_map = ops.HyperMap()
+        self.nan = Tensor(math.nan, ms.float64)
+        self.false = Tensor(False, ms.bool_)
+
+    def construct(self, *inputs: Any) -> tuple[Tensor, Tensor]:
+        saved = self.hyper_map(ops.assign, self.shadow, self.state)
+        scale = ops.depend(self.scale.value(), saved)
+        (_, components), grads = self.grad_fn(scale, *inputs)
+        grads = self.hyper_map(ops.partial(_unscale, 1.0 / scale), grads)
+        total = components.sum()
+        squares = self.hyper_map(_square_sum, grads)
+        grad_norm = ops.sqrt(ops.stack(squares).sum())
+        nonfinite_loss = ops.logical_not(ops.isfinite(components).all())
+        nonfinite_grad = ops.logical_not(_all_finite(self.hyper_map(_finite, grads)))
+        nonfinite_buffer = ops.logical_not(_all_finite(self.hyper_map(_finite, self.buffers)))
+        overflow, scale_overflow = self.false, self.false
+        if self.scaling:  # fp16 cannot tell an overflow from a NaN: the scaler's business, no incident
+            overflow = nonfinite_grad
+            scale_overflow = ops.logical_and(overflow, ops.logical_not(nonfinite_loss))
+            nonfinite_grad = self.false
+        loss_spike = self.loss_spikes(total)
+        grad_spike = ops.logical_and(self.grad_spikes(grad_norm), ops.logical_not(overflow))
+        incident = ops.logical_or(ops.logical_or(nonfinite_loss, nonfinite_grad),
+                                  ops.logical_or(nonfinite_buffer, ops.logical_or(loss_spike, grad_spike)))
+        skip = ops.logical_or(incident, scale_overflow)
+        if self.clip_norm > 0:  # a skipped step's coefficient does not matter: the update is put back
+            coef = ops.minimum(self.clip_norm / (grad_norm + 1e-6), 1.0)
+            grads = self.hyper_map(ops.partial(_scale_by, coef), grads)
+        lr = self.optimizer.get_lr()
+        if isinstance(lr, (tuple, list)):  # group learning rates: report the first
+            lr = lr[0]
+        lr = ops.cast(lr, ms.float64).reshape(())
+        updated = self.optimizer(grads)
+        kept = self.hyper_map(ops.partial(_keep_unless, ops.depend(skip, updated)), self.state, self.shadow)
+        peak = ops.depend(ops.stack(self.hyper_map(_abs_max, self.weights)).max(), kept)
+        nan = self.nan
+        loss_scale = nan
+        if self.scaling:
+            loss_scale = ops.cast(self._update_scale(incident, overflow), ms.float64)
+        vector = ops.stack([
+            ops.cast(total, ms.float64), ops.cast(grad_norm, ms.float64), lr, loss_scale,
+            _flag(nonfinite_loss), _flag(nonfinite_grad), _flag(nonfinite_buffer), _flag(loss_spike),
+            _flag(grad_spike), _flag(ops.logical_not(ops.isfinite(peak))), _flag(peak > self.param_abs_max),
+            _flag(scale_overflow), _flag(ops.logical_not(skip)), nan])
+        return components, vector
+
+    def _update_scale(self, incident: Tensor, overflow: Tensor) -> Tensor:
+        """Halve on an overflow, double after scale_window good steps; unchanged on a guard incident."""
+        grown = self.good_steps + 1 >= self.scale_window
+        new_scale = ops.select(overflow, ops.maximum(self.scale * 0.5, 1.0),
+                               ops.select(grown, self.scale * 2.0, self.scale))
+        new_good = ops.select(ops.logical_or(overflow, grown), ops.zeros_like(self.good_steps),
+                              self.good_steps + 1)
+        ops.assign(self.scale, ops.select(incident, self.scale, new_scale))
+        ops.assign(self.good_steps, ops.select(incident, self.good_steps, new_good))
+        return self.scale.value()
+
+
+def _unscale(factor: Tensor, grad: Tensor) -> Tensor:
+    return grad * ops.cast(factor, grad.dtype)
+
+
+def _scale_by(coef: Tensor, grad: Tensor) -> Tensor:
+    return grad * ops.cast(coef, grad.dtype)
+
+
+def _square_sum(x: Tensor) -> Tensor:
+    x = ops.cast(x, ms.float32)
+    return (x * x).sum()
+
+
+def _finite(x: Tensor) -> Tensor:
+    return ops.isfinite(x).all()
+
+
+def _all_finite(flags: tuple) -> Tensor:
+    return ops.stack(flags).all() if len(flags) else ops.ones((), ms.bool_)
+
+
+def _abs_max(x: Tensor) -> Tensor:
+    return ops.cast(ops.abs(x).max(), ms.float32)
+
+
+def _keep_unless(skip: Tensor, param: Parameter, shadow: Parameter) -> Tensor:
+    return ops.assign(param, ops.select(skip, shadow, param))
+
+
+def _flag(x: Tensor) -> Tensor:
+    return ops.cast(x, ms.float64)
+
+
+@dataclass
+class StepReader:
+    """The host side of a `GuardedTrainStep`: turns a step's outputs into an `Observation`, one step
+    late (reading step s's outputs while step s+1 runs keeps the host from waiting on the device).
+
+        reader = StepReader(("loss_a", "loss_b"))
+        for step, inputs in enumerate(batches):
+            for observation in reader.push(step, *guarded(*inputs)):
+                if observation.incident: print(observation.kinds)
+        for observation in reader.flush(): ...
+    """
+
+    names: tuple[str, ...]
+    _pending: tuple[int, Tensor, Tensor] | None = None
+
+    def push(self, step: int, components: Tensor, vector: Tensor) -> list[Observation]:
+        """Keep step `step`'s outputs; return the previous step's observation (if any)."""
+        previous = self.flush()
+        self._pending = (step, components, vector)
+        return previous
+
+    def flush(self) -> list[Observation]:
+        """The pending step's observation, now (waits for the device)."""
+        if self._pending is None:
+            return []
+        step, components, vector = self._pending
+        self._pending = None
+        values = [float(v) for v in components.asnumpy()] + [float(v) for v in vector.asnumpy()]
+        return [Observation.from_vector(step, self.names, values)]

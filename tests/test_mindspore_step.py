@@ -1,0 +1,202 @@
+"""`GuardedTrainStep`: the guard inside one MindSpore train step, in graph mode and PyNative, on a user's
+own (non-detection) network. A skipped step must leave every Parameter bit-identical: weights, the
+optimizer's moments and step counter, BatchNorm's moving statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore", reason="mindspore is not installed (make install installs it)")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from mindspore import Tensor, nn, ops  # noqa: E402
+
+from nanguard.backends.mindspore import DeviceSpikes, GuardedTrainStep, StepReader  # noqa: E402
+from nanguard.guard import GuardConfig, SpikeDetector  # noqa: E402
+
+MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request):
+    ms.set_context(mode=MODES[request.param], device_target="CPU")
+    yield request.param
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+class TwoLosses(nn.Cell):
+    """A small regression network with BatchNorm; returns (mse, 0.1 * mean |output| * poison): a NaN
+    `poison` makes only the second loss component non-finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.SequentialCell([nn.Dense(4, 8), nn.BatchNorm1d(8), nn.ReLU()])
+        self.head = nn.Dense(8, 2)
+
+    def construct(self, x, y, poison):
+        out = self.head(self.body(x))
+        return ((out - y) ** 2).mean(), ops.abs(out).mean() * 0.1 * poison
+
+
+OPTIMIZERS = {
+    "momentum": lambda params: nn.Momentum(params, learning_rate=0.05, momentum=0.9),
+    "adamw": lambda params: nn.AdamWeightDecay(params, learning_rate=1e-2, weight_decay=0.01),
+    "adam": lambda params: nn.Adam(params, learning_rate=1e-2),
+}
+
+
+def build(optimizer: str, config: GuardConfig | None = None, **kwargs):
+    ms.set_seed(0)
+    net = TwoLosses()
+    opt = OPTIMIZERS[optimizer](net.trainable_params())
+    return net, opt, GuardedTrainStep(net, opt, config, **kwargs)
+
+
+def batch(rng, *, nan_input=False, poison=1.0, target_scale=1.0):
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    y = rng.normal(size=(16, 2)).astype(np.float32) * np.float32(target_scale)
+    if nan_input:
+        x[3, 1] = np.nan
+    return Tensor(x), Tensor(y), Tensor(np.float32(poison))
+
+
+def state(net, opt) -> dict[str, np.ndarray]:
+    """Every Parameter of the network and the optimizer (moments, global step, BatchNorm statistics)."""
+    found = {f"net.{n}": p.asnumpy().copy() for n, p in net.parameters_and_names()}
+    found.update({f"opt.{n}": p.asnumpy().copy() for n, p in opt.parameters_and_names()})
+    return found
+
+
+def changed(before, after) -> list[str]:
+    return sorted(k for k in before if not np.array_equal(before[k], after[k], equal_nan=True))
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adamw"])
+@pytest.mark.parametrize("fault", ["nan_input", "nan_loss_component"])
+def test_a_skipped_step_leaves_every_parameter_bit_identical(mode, optimizer, fault):
+    net, opt, step = build(optimizer)
+    rng = np.random.default_rng(0)
+    reader = StepReader(("mse", "size"))
+    seen = []
+    for _ in range(4):  # healthy steps: moments, BatchNorm statistics and the step counter move
+        seen += reader.push(len(seen), *step(*batch(rng)))
+    before = state(net, opt)
+    bad = batch(rng, nan_input=True) if fault == "nan_input" else batch(rng, poison=math.nan)
+    components, vector = step(*bad)
+    assert changed(before, state(net, opt)) == []
+    seen += reader.push(4, components, vector)
+    seen += reader.push(5, *step(*batch(rng)))  # and the next healthy step trains on
+    after = state(net, opt)
+    assert "opt.global_step" in changed(before, after) and "net.head.weight" in changed(before, after)
+    assert "net.body.1.moving_mean" in changed(before, after)
+    seen += reader.flush()
+    assert [o.applied for o in seen] == [True] * 4 + [False, True]
+    bad_step = seen[4]
+    if fault == "nan_input":  # the NaN reaches the gradients and BatchNorm's statistics (ReLU maps NaN to 0)
+        assert bad_step.nonfinite_grad and bad_step.nonfinite_buffer
+    else:
+        assert bad_step.nonfinite_loss and math.isnan(bad_step.losses["size"]) and math.isfinite(bad_step.losses["mse"])
+    assert all(np.isfinite(v).all() for v in state(net, opt).values())
+
+
+def test_without_the_guard_the_same_nan_input_poisons_the_network():
+    """The counterpart: MindSpore's plain step (value_and_grad + optimizer) on the same NaN batch."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    net, opt, _ = build("momentum")
+    grad_fn = ms.value_and_grad(lambda *a: sum(net(*a)), None, opt.parameters)
+    _, grads = grad_fn(*batch(np.random.default_rng(0), nan_input=True))
+    opt(grads)
+    poisoned = [k for k, v in state(net, opt).items() if not np.isfinite(v).all()]
+    assert "net.body.1.moving_mean" in poisoned and "net.body.0.weight" in poisoned
+
+
+def test_graph_mode_and_pynative_train_the_same_numbers():
+    runs = {}
+    for name in ("graph", "pynative"):
+        ms.set_context(mode=MODES[name])
+        net, opt, step = build("adam")
+        rng = np.random.default_rng(1)
+        vectors = [step(*batch(rng, nan_input=i == 3))[1].asnumpy() for i in range(6)]
+        runs[name] = (vectors, state(net, opt))
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    (gv, gs), (pv, ps) = runs["graph"], runs["pynative"]
+    np.testing.assert_allclose(np.array(gv), np.array(pv), rtol=1e-5, equal_nan=True)
+    for key in gs:
+        np.testing.assert_allclose(gs[key], ps[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_a_gradient_blow_up_after_three_steps_is_a_spike_and_not_applied(mode):
+    net, opt, step = build("momentum", GuardConfig(clip_norm=0.0))
+    rng = np.random.default_rng(2)
+    reader = StepReader(("mse", "size"))
+    seen = []
+    for i in range(4):
+        seen += reader.push(i, *step(*batch(rng)))
+    before = state(net, opt)
+    seen += reader.push(4, *step(*batch(rng, target_scale=1e4)))  # the loss x1e8
+    assert changed(before, state(net, opt)) == []
+    seen += reader.flush()
+    assert seen[4].loss_spike and seen[4].grad_spike and not seen[4].applied
+
+
+def test_the_clip_runs_after_the_check_and_bounds_the_update(mode):
+    net, opt, step = build("momentum", GuardConfig(clip_norm=0.5))
+    before = {p.name: p.asnumpy().copy() for p in net.trainable_params()}
+    reader = StepReader(("mse", "size"))
+    reader.push(0, *step(*batch(np.random.default_rng(3), target_scale=30.0)))
+    [observation] = reader.flush()
+    assert observation.grad_norm > 5.0  # the norm reported is the one checked, before the clip
+    moved = math.sqrt(sum(float(((p.asnumpy() - before[p.name]) ** 2).sum()) for p in net.trainable_params()))
+    assert moved == pytest.approx(0.05 * 0.5, rel=1e-3)  # momentum's first update: lr * the clipped gradient
+
+
+def test_fp16_style_overflow_halves_the_scale_without_an_incident(mode):
+    net, opt, step = build("momentum", loss_scale=2.0 ** 16, scale_window=2)
+    rng = np.random.default_rng(4)
+    reader = StepReader(("mse", "size"))
+    seen = []
+    seen += reader.push(0, *step(*batch(rng)))
+    seen += reader.push(1, *step(*batch(rng)))  # two good steps: the scale doubles
+    before = state(net, opt)
+    # a finite loss whose scaled value (x 2**17) overflows float32: the overflow of fp16 training
+    seen += reader.push(2, *step(*batch(rng, poison=1e35)))
+    assert changed(before, state(net, opt)) == []
+    seen += reader.push(3, *step(*batch(rng, poison=math.nan)))  # a NaN loss: a guard incident
+    seen += reader.flush()
+    assert [o.loss_scale for o in seen] == [2.0 ** 16, 2.0 ** 17, 2.0 ** 16, 2.0 ** 16]
+    overflow, incident = seen[2], seen[3]
+    assert overflow.scale_overflow and not overflow.applied and not overflow.nonfinite_grad
+    assert incident.nonfinite_loss and not incident.applied
+
+
+def test_the_step_reader_is_one_step_late():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    _, _, step = build("momentum")
+    reader = StepReader(("mse", "size"))
+    rng = np.random.default_rng(5)
+    assert reader.push(0, *step(*batch(rng))) == []
+    [first] = reader.push(1, *step(*batch(rng)))
+    assert first.step == 0 and first.lr == pytest.approx(0.05) and set(first.losses) == {"mse", "size"}
+    [second] = reader.flush()
+    assert second.step == 1 and reader.flush() == []
+
+
+@settings(max_examples=15, deadline=None)
+@given(values=st.lists(st.one_of(st.floats(0.5, 2.0), st.floats(0.5, 2.0), st.floats(5.0, 1e6),
+                                 st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 1.0])),
+                       min_size=1, max_size=30),
+       window=st.integers(1, 8), min_history_fraction=st.floats(0.0, 1.0),
+       early=st.sampled_from([(0, 10.0), (3, 10.0), (2, 3.0)]))
+def test_device_spikes_flag_exactly_as_the_reference(values, window, min_history_fraction, early):
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    settings_ = dict(window=window, min_history=max(1, round(min_history_fraction * window)), threshold=3.0,
+                     min_ratio=1.5, early_history=early[0], early_ratio=early[1])
+    reference, device = SpikeDetector(**settings_), DeviceSpikes("test", **settings_)
+    for i, value in enumerate(values):
+        as_float32 = float(np.float32(value))
+        assert bool(device(Tensor(np.float32(value)))) == reference.update(as_float32), f"value {i} of {values}"
+    accepted = [v for v in device.values.asnumpy().tolist() if not math.isnan(v)]
+    assert sorted(accepted) == sorted(reference.history)
