@@ -54,10 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="images per step (default 8, the demo's)")
     parser.add_argument("--no-real", action="store_true", help="skip the real bad-data scenarios")
     parser.add_argument("--clean-steps", type=int, default=60, help="steps of each clean run (0: skip)")
-    parser.add_argument("--clean-rounds", type=int, default=2)
+    parser.add_argument("--clean-rounds", type=int, default=2, help="clean pairs (0: skip)")
     parser.add_argument("--plain-table", action="store_true")
     parser.add_argument("--json-out", default="bench-out/diagnosis_accuracy.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.clean_steps < 0 or args.clean_rounds < 0:
+        parser.error("--clean-steps and --clean-rounds must be >= 0")
+    return args
 
 
 BATCH = 8
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
         if not args.no_real:
             results += real_scenarios(work, data, args.size)
-        clean = clean_overhead(work, data, args.size, args.clean_steps, args.clean_rounds) if args.clean_steps else None
+        clean = clean_overhead(work, data, args.size, args.clean_steps, args.clean_rounds) if args.clean_steps and args.clean_rounds else None
     rows = summarize(results)
     scored = [r for r in results if r["incident"]]
     overall = sum(bool(r["right"]) for r in scored) / len(scored) if scored else None

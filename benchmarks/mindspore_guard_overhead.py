@@ -11,6 +11,11 @@ preloaded batches, interleaved in blocks (rotating order), once in graph mode an
   the gradients, BatchNorm statistics and the weights checked, spikes, clip, masked update, the step's
   numbers returned)
 
+Then the same faults through both: a NaN pixel in one image of batch --fault-at, trained for
+--fault-steps steps by the model zoo's way (a fixed loss scale of 256, the overflow flag computed and the
+optimizer stepping anyway, as `official/cv/FasterRCNN` does; here the plain step with that scale) and by
+`GuardedTrainStep`: the share of weights left non-finite at the end, and the steps skipped.
+
 The network is a small residual conv net with BatchNorm and two loss components, not Faster R-CNN (the
 MindSpore Faster R-CNN is not built yet). Goal on CPU: guarded within 5 % of unguarded. Prints a table
 and writes JSON (--json-out): time ratios against unguarded (1.0 = same).
@@ -38,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--block", type=int, default=3)
+    parser.add_argument("--fault-steps", type=int, default=12, help="steps of the fault comparison (0: skip)")
+    parser.add_argument("--fault-at", type=int, default=5, help="the step whose batch holds a NaN pixel")
     parser.add_argument("--plain-table", action="store_true")
     parser.add_argument("--json-out", default="bench-out/mindspore_guard_overhead.json")
     args = parser.parse_args(argv)
@@ -87,33 +94,35 @@ def main(argv: list[str] | None = None) -> int:
             return cls, reg
 
     class PlainStep(nn.Cell):
-        def __init__(self, network, optimizer, clip_norm: float) -> None:
+        """value_and_grad, clip_by_global_norm, step; `scale`: a fixed loss scale, divided out again."""
+
+        def __init__(self, network, optimizer, clip_norm: float, scale: float = 1.0) -> None:
             super().__init__(auto_prefix=False)
-            self.network, self.optimizer, self.clip_norm = network, optimizer, clip_norm
+            self.network, self.optimizer, self.clip_norm, self.scale = network, optimizer, clip_norm, scale
             self.network.set_train()
             self.grad_fn = ops.value_and_grad(self.total, None, optimizer.parameters)
 
         def total(self, *inputs):
             losses = self.network(*inputs)
-            return losses[0] + losses[1]
+            return (losses[0] + losses[1]) * self.scale
 
         def construct(self, *inputs):
             loss, grads = self.grad_fn(*inputs)
-            grads = ops.clip_by_global_norm(grads, self.clip_norm)
-            return ops.depend(loss, self.optimizer(grads))
+            grads = ops.clip_by_global_norm(tuple(g / self.scale for g in grads), self.clip_norm)
+            return ops.depend(loss / self.scale, self.optimizer(grads))
 
     rng = np.random.default_rng(0)
     batches = [(Tensor(rng.normal(size=(args.batch, 3, args.size, args.size)).astype(np.float32)),
                 Tensor(rng.integers(0, 4, size=args.batch).astype(np.int32)),
                 Tensor(rng.normal(size=(args.batch, 4)).astype(np.float32))) for _ in range(args.batches)]
 
-    def make(kind: str):
+    def make(kind: str, scale: float = 1.0):
         ms.set_seed(0)
         net = Net(args.width)
         opt = (nn.Momentum(net.trainable_params(), 0.01, 0.9) if args.optimizer == "momentum"
                else nn.AdamWeightDecay(net.trainable_params(), 1e-3, weight_decay=1e-4))
         return GuardedTrainStep(net, opt, GuardConfig(clip_norm=10.0)) if kind == "guarded" \
-            else PlainStep(net, opt, 10.0)
+            else PlainStep(net, opt, 10.0, scale)
 
     result = {"machine": common.machine_info(), "mindspore": ms.__version__, "args": vars(args), "modes": {}}
     rows = []
@@ -143,12 +152,46 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([f"{mode} {kind}", s["median_step_seconds"], s["images_per_second"],
                          s["time_ratio_total"], s["time_ratio_median"], s["cpu_time_ratio_median"]])
     ms.set_context(mode=ms.PYNATIVE_MODE)
+    if args.fault_steps:
+        result["faults"] = fault_comparison(args, make, batches, ms, np, Tensor)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
     common.print_table(f"GuardedTrainStep vs plain MindSpore step ({args.optimizer}, batch {args.batch}, "
                        f"{args.size} px, CPU)", ["variant", "s/step (median)", "img/s", "time ratio",
                                                  "ratio (median of rounds)", "cpu ratio (median)"],
                        rows, plain=args.plain_table)
+    if args.fault_steps:
+        common.print_table(f"A NaN pixel at step {args.fault_at}, {args.fault_steps} steps (graph mode)",
+                           ["step", "weights non-finite at the end", "steps skipped"],
+                           [[name, f"{r['nonfinite_weights']:,} of {r['weights']:,}", r["skipped"]]
+                            for name, r in result["faults"].items()], plain=args.plain_table)
     common.write_json(args.json_out, result)
     return 0
+
+
+def fault_comparison(args, make, batches, ms, np, Tensor) -> dict:
+    """The model zoo's step (fixed loss scale 256, no skip) and GuardedTrainStep on the same faulty
+    batches: how many weights end non-finite, how many steps were skipped."""
+    from nanguard.guard import STEP_FIELDS
+
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    out = {}
+    for name, step in (("zoo-style (fixed scale 256, no skip)", make("unguarded", 256.0)),
+                       ("GuardedTrainStep", make("guarded"))):
+        skipped = 0
+        for i in range(args.fault_steps):
+            images, labels, boxes = batches[i % len(batches)]
+            if i == args.fault_at:
+                poisoned = images.asnumpy().copy()
+                poisoned[0, 0, 3, 3] = np.nan
+                images = Tensor(poisoned)
+            result = step(images, labels, boxes)
+            if isinstance(result, tuple):
+                skipped += int(result[1].asnumpy()[STEP_FIELDS.index("applied")] < 0.5)
+        params = [p.asnumpy() for p in step.network.get_parameters()]
+        out[name] = {"weights": int(sum(p.size for p in params)),
+                     "nonfinite_weights": int(sum((~np.isfinite(p)).sum() for p in params)),
+                     "skipped": skipped if isinstance(result, tuple) else None}
+    return out
 
 
 if __name__ == "__main__":
