@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--block", type=int, default=3)
-    parser.add_argument("--fault-steps", type=int, default=12, help="steps of the fault comparison (0: skip)")
+    parser.add_argument("--fault-steps", type=int, default=20, help="steps of the fault comparison (0: skip)")
     parser.add_argument("--fault-at", type=int, default=5, help="the step whose batch holds a NaN pixel")
     parser.add_argument("--plain-table", action="store_true")
     parser.add_argument("--json-out", default="bench-out/mindspore_guard_overhead.json")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return GuardedTrainStep(net, opt, GuardConfig(clip_norm=10.0)) if kind == "guarded" \
             else PlainStep(net, opt, 10.0, scale)
 
-    result = {"machine": common.machine_info(), "mindspore": ms.__version__, "args": vars(args), "modes": {}}
+    result = {"benchmark": "mindspore_guard_overhead", "machine": common.machine_info(), "mindspore": ms.__version__, "args": vars(args), "modes": {}}
     rows = []
     for mode in args.modes:
         ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                        rows, plain=args.plain_table)
     if args.fault_steps:
         common.print_table(f"A NaN pixel at step {args.fault_at}, {args.fault_steps} steps (graph mode)",
-                           ["step", "weights non-finite at the end", "steps skipped"],
-                           [[name, f"{r['nonfinite_weights']:,} of {r['weights']:,}", r["skipped"]]
+                           ["step", "weights non-finite at the end", "steps skipped", "loss, last step"],
+                           [[name, f"{r['nonfinite_weights']:,} of {r['weights']:,}", r["skipped"], r["losses"][-1]]
                             for name, r in result["faults"].items()], plain=args.plain_table)
     common.write_json(args.json_out, result)
     return 0
@@ -177,7 +177,7 @@ def fault_comparison(args, make, batches, ms, np, Tensor) -> dict:
     out = {}
     for name, step in (("zoo-style (fixed scale 256, no skip)", make("unguarded", 256.0)),
                        ("GuardedTrainStep", make("guarded"))):
-        skipped = 0
+        skipped, losses = 0, []
         for i in range(args.fault_steps):
             images, labels, boxes = batches[i % len(batches)]
             if i == args.fault_at:
@@ -187,10 +187,14 @@ def fault_comparison(args, make, batches, ms, np, Tensor) -> dict:
             result = step(images, labels, boxes)
             if isinstance(result, tuple):
                 skipped += int(result[1].asnumpy()[STEP_FIELDS.index("applied")] < 0.5)
+                losses.append(float(result[0].asnumpy().sum()))
+            else:
+                losses.append(float(result.asnumpy()))
         params = [p.asnumpy() for p in step.network.get_parameters()]
         out[name] = {"weights": int(sum(p.size for p in params)),
                      "nonfinite_weights": int(sum((~np.isfinite(p)).sum() for p in params)),
-                     "skipped": skipped if isinstance(result, tuple) else None}
+                     "skipped": skipped if isinstance(result, tuple) else None,
+                     "losses": losses}
     return out
 
 

@@ -124,3 +124,17 @@ def test_distributed_overhead_smoke(tmp_path):
     assert set(result["s_per_step"]) == {"guarded", "unguarded"} and len(result["collective_ms"]) == 4
     assert result["rollback_at_scale_seconds"] is None  # --no-scale
     assert "one all-reduce" in stdout
+
+
+def test_mindspore_guard_overhead_smoke(tmp_path):
+    pytest.importorskip("mindspore", reason="mindspore is not installed (make install installs it)")
+    out = tmp_path / "mindspore_guard_overhead.json"
+    stdout = run_benchmark("mindspore_guard_overhead", "--modes", "graph", "--batch", "2", "--size", "32", "--width", "8",
+                           "--batches", "2", "--warmup", "0", "--rounds", "1", "--block", "1", "--fault-steps", "3",
+                           "--fault-at", "1", "--plain-table", "--json-out", str(out))
+    result = read(out)
+    assert set(result["modes"]) == {"graph"} and set(result["modes"]["graph"]) == {"unguarded", "guarded"}
+    faults = result["faults"]
+    assert faults["GuardedTrainStep"]["nonfinite_weights"] == 0 and faults["GuardedTrainStep"]["skipped"] == 1
+    assert faults["zoo-style (fixed scale 256, no skip)"]["nonfinite_weights"] > 0
+    assert "GuardedTrainStep vs plain MindSpore step" in stdout

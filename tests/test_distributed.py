@@ -97,6 +97,21 @@ def test_stopped_and_resumed_on_two_ranks_is_bit_identical(shapes, tmp_path):
     assert [r["step"] for r in lines(tmp_path / "resumed" / "metrics.jsonl")] == list(range(12))
 
 
+def test_one_process_under_the_launcher_trains_exactly_as_a_plain_run(shapes, tmp_path):
+    """A single-process run is unchanged: under torchrun with one rank, no process group, no agree
+    vector, no comm hook, and the same weights bit for bit as `nanguard train` without --nproc."""
+    common = ["train.steps=6", "train.checkpoint_every=6", "--inject", "grad_nan@3"]
+    train(tmp_path / "launched", shapes, *common, nproc=1)
+    done = nanguard("train", "--quiet", "--out", str(tmp_path / "plain"), f"data.root={shapes}", *ARGS, *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(tmp_path / "launched", 6), weights(tmp_path / "plain", 6)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert "rank_param_digests" not in final(tmp_path / "launched")  # one rank: nothing to compare
+    losses = [[(r["total_loss"], r["grad_norm"]) for r in lines(tmp_path / run / "metrics.jsonl")] for run in ("launched", "plain")]
+    assert losses[0] == losses[1]
+    assert [(r["step"], r["bad_ranks"]) for r in lines(tmp_path / "launched" / "incidents.jsonl")] == [(3, [])]
+
+
 def rank_pid(run: Path, rank: int) -> int | None:
     """The pid of the training process of `rank` whose command names `run`."""
     for proc in Path("/proc").iterdir():

@@ -200,3 +200,31 @@ def test_device_spikes_flag_exactly_as_the_reference(values, window, min_history
         assert bool(device(Tensor(np.float32(value)))) == reference.update(as_float32), f"value {i} of {values}"
     accepted = [v for v in device.values.asnumpy().tolist() if not math.isnan(v)]
     assert sorted(accepted) == sorted(reference.history)
+
+
+class OneLoss(nn.Cell):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Dense(4, 1)
+
+    def construct(self, x):
+        return (self.dense(x) ** 2).mean()
+
+
+def test_a_single_loss_tensor_is_one_component_and_names_are_checked():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    net = OneLoss()
+    step = GuardedTrainStep(net, nn.Momentum(net.trainable_params(), 0.01, 0.9))
+    x = Tensor(np.ones((4, 4), np.float32))
+    reader = StepReader()
+    reader.push(0, *step(x))
+    [observation] = reader.flush()
+    assert list(observation.losses) == ["loss_0"] and observation.applied
+    wrong = StepReader(("a", "b"))
+    wrong.push(1, *step(x))
+    with pytest.raises(ValueError, match="names 2 loss components"):
+        wrong.flush()
+    with pytest.raises(TypeError, match="mindspore.nn.Optimizer"):
+        GuardedTrainStep(net, "sgd")
+    with pytest.raises(ValueError, match="loss_scale"):
+        GuardedTrainStep(net, nn.Momentum(net.trainable_params(), 0.01, 0.9), loss_scale=0.0)

@@ -102,6 +102,8 @@ class _ScaledTotal(nn.Cell):
 
     def construct(self, scale: Tensor, *inputs: Any) -> tuple[Tensor, Tensor]:
         losses = self.network(*inputs)
+        if isinstance(losses, Tensor):  # one loss: one component
+            losses = (losses,)
         components = ops.stack([ops.cast(loss, ms.float32).reshape(()) for loss in losses])
         return ops.cast(components.sum(), ms.float32) * scale, components
 
@@ -135,6 +137,13 @@ class GuardedTrainStep(nn.Cell):
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, config: GuardConfig | None = None, *,
                  loss_scale: float | None = None, scale_window: int = 2000) -> None:
         super().__init__(auto_prefix=False)
+        if not isinstance(network, nn.Cell) or not isinstance(optimizer, nn.Optimizer):
+            raise TypeError("GuardedTrainStep(network, optimizer): a mindspore.nn.Cell returning its loss "
+                            f"components and a mindspore.nn.Optimizer, got {type(network).__name__} and "
+                            f"{type(optimizer).__name__}")
+        if loss_scale is not None and not (math.isfinite(loss_scale) and loss_scale >= 1) or scale_window < 1:
+            raise ValueError(f"need loss_scale >= 1 (or None) and scale_window >= 1, got {loss_scale=} "
+                             f"{scale_window=}")
         config = config or GuardConfig()
         self.network, self.optimizer = network, optimizer
         self.network.set_train()  # as TrainOneStepCell does: BatchNorm uses and updates batch statistics
@@ -260,7 +269,7 @@ class StepReader:
         for observation in reader.flush(): ...
     """
 
-    names: tuple[str, ...]
+    names: tuple[str, ...] = ()  # the loss components' names, in the network's order (default loss_0, ...)
     _pending: tuple[int, Tensor, Tensor] | None = None
 
     def push(self, step: int, components: Tensor, vector: Tensor) -> list[Observation]:
@@ -275,5 +284,10 @@ class StepReader:
             return []
         step, components, vector = self._pending
         self._pending = None
-        values = [float(v) for v in components.asnumpy()] + [float(v) for v in vector.asnumpy()]
-        return [Observation.from_vector(step, self.names, values)]
+        components = [float(v) for v in components.asnumpy().reshape(-1)]
+        names = tuple(self.names) or tuple(f"loss_{i}" for i in range(len(components)))
+        if len(names) != len(components):
+            raise ValueError(f"StepReader names {len(names)} loss components {names}, the network returned "
+                             f"{len(components)}")
+        values = components + [float(v) for v in vector.asnumpy()]
+        return [Observation.from_vector(step, names, values)]
