@@ -1,0 +1,198 @@
+"""The MindSpore `tiny` Faster R-CNN: the PyTorch backend's weights convert both ways and give the same
+outputs (backbone + FPN, RPN head, RoIAlign + box head), the train step's four losses compile in graph
+mode and equal PyNative's, and it learns under `GuardedTrainStep`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore", reason="mindspore is not installed (make install installs it)")
+torch = pytest.importorskip("torch")
+from mindspore import Tensor, nn  # noqa: E402
+from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
+
+from nanguard.backends.mindspore import GuardedTrainStep, StepReader  # noqa: E402
+from nanguard.backends.mindspore.convert import (  # noqa: E402
+    load_arrays,
+    mindspore_arrays,
+    mindspore_to_torch,
+    torch_to_mindspore,
+)
+from nanguard.backends.mindspore.model import FasterRCNN  # noqa: E402
+from nanguard.backends.torch.model import build_model  # noqa: E402
+from nanguard.config import ModelConfig  # noqa: E402
+from nanguard.guard import GuardConfig  # noqa: E402
+
+CFG = ModelConfig(min_size=64, max_size=64, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+                  rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=30, box_batch_size_per_image=32)
+
+
+@pytest.fixture(autouse=True)
+def pynative():
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A torch tiny model with random weights and statistics, and the MindSpore model converted from it."""
+    torch.manual_seed(0)
+    t = build_model(CFG, 3)
+    with torch.no_grad():  # BatchNorm statistics that are not 0 / 1, so that their conversion is tested
+        for module in t.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    ms.set_seed(0)
+    m = FasterRCNN(CFG, 3, (64, 64), max_boxes=4)
+    load_arrays(m, torch_to_mindspore({k: v.numpy() for k, v in t.state_dict().items()}))
+    return t, m
+
+
+def images(seed=0, batch=2):
+    return np.random.default_rng(seed).random((batch, 3, 64, 64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_converted_weights_give_the_same_features_and_rpn_outputs(pair, train):
+    t, m = pair
+    t.train(train)
+    m.set_train(train)
+    x = images()
+    with torch.no_grad():
+        normalized = (torch.from_numpy(x) - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+            / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        expected = list(t.backbone(normalized).values())
+        objectness, deltas = t.rpn.head(expected)
+    got = m.backbone(m.normalize(Tensor(x)))
+    assert len(got) == len(expected) == 5
+    for level, (a, b) in enumerate(zip(got, expected)):
+        np.testing.assert_allclose(a.asnumpy(), b.numpy(), rtol=1e-3, atol=2e-4, err_msg=f"level {level}")
+    ms_objectness, ms_deltas = m.rpn.head(got)
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    flat_objectness, flat_deltas = concat_box_prediction_layers(objectness, deltas)
+    np.testing.assert_allclose(ms_objectness.asnumpy().reshape(-1), flat_objectness.numpy().reshape(-1),
+                               rtol=1e-3, atol=2e-4)
+    np.testing.assert_allclose(ms_deltas.asnumpy().reshape(-1, 4), flat_deltas.numpy(), rtol=1e-3, atol=2e-4)
+    t.eval()
+
+
+def test_roi_align_and_the_box_head_match_on_the_same_rois(pair):
+    t, m = pair
+    t.eval()
+    m.set_train(False)
+    x = images(1)
+    rois = np.array([[0, 2, 3, 30, 40], [0, 10, 10, 20, 60], [1, 0, 0, 63, 63], [1, 5.5, 7.25, 9, 12]], np.float32)
+    with torch.no_grad():
+        normalized = (torch.from_numpy(x) - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+            / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        features = t.backbone(normalized)
+        boxes = [torch.from_numpy(rois[rois[:, 0] == b, 1:]) for b in (0, 1)]
+        pooled = t.roi_heads.box_roi_pool(features, boxes, [(64, 64)] * 2)
+        logits, regression = t.roi_heads.box_predictor(t.roi_heads.box_head(pooled))
+    assert isinstance(t.roi_heads.box_roi_pool, MultiScaleRoIAlign)
+    ms_features = m.backbone(m.normalize(Tensor(x)))
+    ms_pooled = m.pool(ms_features, Tensor(rois))
+    np.testing.assert_allclose(ms_pooled.asnumpy(), pooled.numpy(), rtol=1e-3, atol=2e-4)
+    ms_logits, ms_regression = m.roi_heads.box_predictor(m.roi_heads.box_head(ms_pooled))
+    np.testing.assert_allclose(ms_logits.asnumpy(), logits.numpy(), rtol=1e-3, atol=2e-4)
+    np.testing.assert_allclose(ms_regression.asnumpy(), regression.numpy(), rtol=1e-3, atol=2e-4)
+
+
+def test_weights_convert_back_to_the_torch_model_exactly():
+    torch.manual_seed(1)
+    t = build_model(CFG, 3)
+    m = FasterRCNN(CFG, 3, (64, 64), max_boxes=4)
+    load_arrays(m, torch_to_mindspore({k: v.numpy() for k, v in t.state_dict().items()}))
+    back = mindspore_to_torch(mindspore_arrays(m))
+    state = t.state_dict()
+    assert set(back) == set(state)
+    for name, value in state.items():
+        if not name.endswith("num_batches_tracked"):
+            np.testing.assert_array_equal(back[name], value.numpy(), err_msg=name)
+    fresh = build_model(CFG, 3)
+    fresh.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in back.items()})
+
+
+def test_a_misfit_checkpoint_is_refused_by_name(pair):
+    _, m = pair
+    arrays = mindspore_arrays(m)
+    arrays.pop("rpn.head.cls_logits.bias")
+    with pytest.raises(ValueError, match="missing.*rpn.head.cls_logits.bias"):
+        load_arrays(m, arrays)
+    arrays = mindspore_arrays(m)
+    arrays["rpn.head.cls_logits.bias"] = np.zeros(7, np.float32)
+    with pytest.raises(ValueError, match=r"rpn.head.cls_logits.bias is \(7,\)"):
+        load_arrays(m, arrays)
+
+
+def targets(batch=2, boxes=4):
+    gt = np.zeros((batch, boxes, 4), np.float32)
+    labels = np.zeros((batch, boxes), np.int32)
+    valid = np.zeros((batch, boxes), bool)
+    gt[0, :2] = [[5, 5, 30, 40], [34, 10, 60, 30]]
+    labels[0, :2] = [1, 2]
+    valid[0, :2] = True
+    gt[1, 0], labels[1, 0], valid[1, 0] = [10, 12, 26, 28], 3, True
+    return Tensor(gt), Tensor(labels), Tensor(valid)
+
+
+def draw(batch=2):
+    """The boxes of `targets` painted on a dark background, one colour per class."""
+    x = np.full((batch, 3, 64, 64), 0.1, np.float32)
+    colours = {1: (0.9, 0.2, 0.2), 2: (0.2, 0.9, 0.2), 3: (0.2, 0.2, 0.9)}
+    gt, labels, valid = (t.asnumpy() for t in targets(batch))
+    for b in range(batch):
+        for box, label, ok in zip(gt[b], labels[b], valid[b]):
+            if ok:
+                x1, y1, x2, y2 = box.astype(int)
+                x[b, :, y1:y2, x1:x2] = np.array(colours[int(label)], np.float32)[:, None, None]
+    return Tensor(x)
+
+
+def test_the_losses_compile_in_graph_mode_and_equal_pynative():
+    got = {}
+    for name, mode in (("pynative", ms.PYNATIVE_MODE), ("graph", ms.GRAPH_MODE)):
+        ms.set_context(mode=mode)
+        ms.set_seed(0)
+        m = FasterRCNN(CFG, 3, (64, 64), max_boxes=4)
+        m.set_train(True)
+        noise = Tensor(np.random.default_rng(0).random((2, m.noise_size())).astype(np.float32))
+        got[name] = [float(v) for v in m(draw(), *targets(), noise)]
+    assert all(np.isfinite(got["graph"])) and len(got["graph"]) == 4
+    np.testing.assert_allclose(got["graph"], got["pynative"], rtol=1e-4)
+
+
+def test_it_learns_under_the_guard_in_graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_seed(0)
+    m = FasterRCNN(CFG, 3, (64, 64), max_boxes=4)
+    opt = nn.Momentum(m.trainable_params(), learning_rate=0.02, momentum=0.9, weight_decay=1e-4)
+    step = GuardedTrainStep(m, opt, GuardConfig(clip_norm=10.0))
+    reader = StepReader(("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"))
+    rng = np.random.default_rng(0)
+    x, (gt, labels, valid) = draw(), targets()
+    seen = []
+    for i in range(30):
+        noise = Tensor(rng.random((2, m.noise_size())).astype(np.float32))
+        seen += reader.push(i, *step(x, gt, labels, valid, noise))
+    seen += reader.flush()
+    assert all(o.applied for o in seen)
+    first, last = seen[0].total_loss, np.mean([o.total_loss for o in seen[-5:]])
+    assert last < 0.5 * first, [round(o.total_loss, 3) for o in seen]
+    # detect with batch statistics: after 30 steps on two 64-px images the deepest maps are 2x2, and
+    # BatchNorm's moving statistics do not describe them yet (eval mode is the demo's business)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    boxes, scores, classes, ok = (t.asnumpy() for t in m.detect(x))
+    assert np.isfinite(boxes[ok]).all() and (scores[ok] > CFG.box_score_thresh).all()
+    assert (np.diff(scores, axis=1) <= 0).all()  # best first
+    from nanguard.backends.mindspore.boxes import box_iou
+
+    for b in range(2):  # every box is found (IoU > 0.3 after 30 steps), with its class, among its image's 3 best
+        for box, label, real in zip(gt.asnumpy()[b], labels.asnumpy()[b], valid.asnumpy()[b]):
+            if real:
+                iou = box_iou(Tensor(box[None]), Tensor(boxes[b, :3])).asnumpy()[0]
+                assert any(iou[j] > 0.3 and classes[b, j] == label and ok[b, j] for j in range(3)), (box, boxes[b, :3])
