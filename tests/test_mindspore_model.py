@@ -196,3 +196,16 @@ def test_it_learns_under_the_guard_in_graph_mode():
             if real:
                 iou = box_iou(Tensor(box[None]), Tensor(boxes[b, :3])).asnumpy()[0]
                 assert any(iou[j] > 0.3 and classes[b, j] == label and ok[b, j] for j in range(3)), (box, boxes[b, :3])
+
+
+def test_a_guarded_step_on_the_detector_runs_in_pynative_too():
+    """PyNative differentiates the whole detector (a strided slice in the FPN crashed its backward)."""
+    ms.set_seed(0)
+    m = FasterRCNN(CFG, 3, (64, 64), max_boxes=4)
+    step = GuardedTrainStep(m, nn.Momentum(m.trainable_params(), learning_rate=0.02, momentum=0.9))
+    reader = StepReader(("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"))
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        reader.push(i, *step(draw(), *targets(), Tensor(rng.random((2, m.noise_size())).astype(np.float32))))
+    [last] = reader.flush()
+    assert last.applied and np.isfinite(last.total_loss) and last.grad_norm > 0

@@ -181,6 +181,8 @@ def rpn_losses(objectness: Tensor, deltas: Tensor, labels: Tensor, targets: Tens
     """torchvision's `RegionProposalNetwork.compute_loss` over masks: objectness [N] logits, deltas and
     targets [N, 4], labels [N] (1, 0, -1), positive / negative sampled masks [N] (all images flattened).
     Returns (objectness loss, box loss)."""
+    labels, targets = ops.stop_gradient(labels), ops.stop_gradient(targets)
+    positive, negative = ops.stop_gradient(positive), ops.stop_gradient(negative)
     sampled = ops.cast(ops.logical_or(positive, negative), ms.float32)
     count = ops.maximum(sampled.sum(), 1.0)
     target = ops.cast(labels >= 1, ms.float32)

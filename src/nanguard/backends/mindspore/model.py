@@ -131,6 +131,7 @@ class FPN(nn.Cell):
         self.layer_blocks = nn.CellList([nn.SequentialCell([nn.Conv2d(channels, channels, 3, pad_mode="pad", padding=1,
                                                                       has_bias=True, weight_init=init)])
                                          for _ in in_channels])
+        self.pool = nn.MaxPool2d(kernel_size=1, stride=2)
 
     def construct(self, features):
         last = self.inner_blocks[3](features[3])
@@ -140,7 +141,8 @@ class FPN(nn.Cell):
             top_down = ops.interpolate(last, size=lateral.shape[-2:], mode="nearest")
             last = lateral + top_down
             results = (self.layer_blocks[idx](last),) + results
-        return results + (results[-1][:, :, ::2, ::2],)  # max_pool2d(kernel 1, stride 2)
+        # torchvision's max_pool2d(kernel 1, stride 2); a strided slice's backward crashes PyNative (2.10, CPU)
+        return results + (self.pool(results[-1]),)
 
 
 class RPNHead(nn.Cell):
@@ -158,7 +160,8 @@ class RPNHead(nn.Cell):
             t = self.conv(x)
             logits = logits + (_flatten(self.cls_logits(t), 1),)
             deltas = deltas + (_flatten(self.bbox_pred(t), 4),)
-        return ops.concat(logits, axis=1)[..., 0], ops.concat(deltas, axis=1)
+        objectness = ops.concat(logits, axis=1)
+        return objectness.reshape(objectness.shape[0], -1), ops.concat(deltas, axis=1)
 
 
 def _flatten(x: Tensor, c: int) -> Tensor:
