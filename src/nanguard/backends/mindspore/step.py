@@ -212,6 +212,27 @@ class GuardedTrainStep(nn.Cell):
             _flag(scale_overflow), _flag(ops.logical_not(skip)), nan])
         return components, vector
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Everything a continuation needs, by Parameter name: the network's weights and BatchNorm
+        statistics, the optimizer's moments and step, the spike windows, the loss scale (not the
+        shadows: scratch space that every step overwrites)."""
+        shadows = {id(p) for p in self.shadow}
+        return {name: p.asnumpy().copy() for name, p in self.parameters_and_names() if id(p) not in shadows}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """The inverse of `state_arrays` (a ValueError names a missing or misshapen entry)."""
+        shadows = {id(p) for p in self.shadow}
+        params = {name: p for name, p in self.parameters_and_names() if id(p) not in shadows}
+        missing = sorted(set(params) - set(arrays))
+        if missing:
+            raise ValueError(f"state does not fit: missing {missing[:5]}")
+        for name, p in params.items():
+            value = np.asarray(arrays[name])
+            if value.size != int(np.prod(p.shape)) or (value.ndim > 1 and tuple(value.shape) != tuple(p.shape)):
+                raise ValueError(f"state does not fit: {name} is {tuple(value.shape)}, here {tuple(p.shape)}")
+            # a .ckpt stores a 0-dim tensor as shape (1,)
+            p.set_data(Tensor(value.reshape(p.shape).astype(ms.dtype_to_nptype(p.dtype))))
+
     def _update_scale(self, incident: Tensor, overflow: Tensor) -> Tensor:
         """Halve on an overflow, double after scale_window good steps; unchanged on a guard incident."""
         grown = self.good_steps + 1 >= self.scale_window
