@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for images, targets, _ in batches:
         s = to_static([(img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for img in images],
                       [t["boxes"].numpy() for t in targets], [t["labels"].numpy() for t in targets],
-                      (args.size, args.size), args.max_boxes)
+                      args.size, args.size, args.max_boxes)
         static.append((Tensor(s.images), Tensor(s.boxes), Tensor(s.labels), Tensor(s.valid)))
     rng = np.random.default_rng(0)
 

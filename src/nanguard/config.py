@@ -91,7 +91,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "mindspore"] = "torch"
     seed: int = 0
     inject: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -20,7 +20,7 @@ from nanguard.explain.verdict import ReplayFacts
 from nanguard.guard import FaultPlan, InjectionLog, NullInjectionLog, Observation, Outcome, PolicyState
 
 # config `backend` -> the module whose `create(device: str | None) -> Backend` builds it
-BACKENDS = {"torch": "nanguard.backends.torch.backend"}
+BACKENDS = {"torch": "nanguard.backends.torch.backend", "mindspore": "nanguard.backends.mindspore.backend"}
 
 
 class Backend(Protocol):

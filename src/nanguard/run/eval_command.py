@@ -116,7 +116,7 @@ def run(args) -> int:
     if args.detections:
         _check_detections_path(Path(args.detections))
     target = Path(args.target)
-    backend = create_backend("torch", args.device)
+    backend = create_backend(_backend_of(target), args.device)
     if target.is_dir():
         if not list_checkpoints(target, backend.checkpoint_suffix):
             raise UserError(f"{target}: no checkpoints/step_*{backend.checkpoint_suffix}; not a run folder, or the "
@@ -165,3 +165,15 @@ def run(args) -> int:
     if not args.json and not args.quiet:
         print(f"{path}: step {step}, {metrics['images']} images, eval.json in {out_dir}", file=sys.stderr)
     return 0
+
+
+def _backend_of(target: Path) -> str:
+    """The backend whose checkpoints `target` (a run folder or a checkpoint file) holds: MindSpore's
+    .ckpt files, or PyTorch's .pt (the default, and what an empty folder is told it lacks)."""
+    from nanguard.run.checkpoints import list_checkpoints
+
+    if target.is_file():
+        return "mindspore" if target.suffix == ".ckpt" else "torch"
+    if target.is_dir() and not list_checkpoints(target, ".pt") and list_checkpoints(target, ".ckpt"):
+        return "mindspore"
+    return "torch"

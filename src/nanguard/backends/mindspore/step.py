@@ -94,17 +94,18 @@ class DeviceSpikes(nn.Cell):
 
 
 class _ScaledTotal(nn.Cell):
-    """(sum of the loss components * scale, the components): the first is what is differentiated."""
+    """(sum of the loss components * scale, the components): the first is what is differentiated.
+    `poison` (fault injection) multiplies the components."""
 
     def __init__(self, network: nn.Cell) -> None:
         super().__init__(auto_prefix=False)
         self.network = network
 
-    def construct(self, scale: Tensor, *inputs: Any) -> tuple[Tensor, Tensor]:
+    def construct(self, scale: Tensor, poison: Tensor, *inputs: Any) -> tuple[Tensor, Tensor]:
         losses = self.network(*inputs)
         if isinstance(losses, Tensor):  # one loss: one component
             losses = (losses,)
-        components = ops.stack([ops.cast(loss, ms.float32).reshape(()) for loss in losses])
+        components = ops.stack([ops.cast(loss, ms.float32).reshape(()) for loss in losses]) * poison
         return ops.cast(components.sum(), ms.float32) * scale, components
 
 
@@ -131,11 +132,14 @@ class GuardedTrainStep(nn.Cell):
     loss_scale: None (fp32 / bf16) or the initial dynamic loss scale for fp16 (e.g. 2**16); the scale
                halves on an overflow and doubles after `scale_window` overflow-free steps
 
+    fault_hooks: C > 0 adds what fault injection writes between steps (`loss_poison` [C], multiplied
+               into the loss components; `grad_poison`, one scalar per weight, into its gradient)
+
     Calling it returns (components: float32[C], vector: float64[len(STEP_FIELDS)]).
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, config: GuardConfig | None = None, *,
-                 loss_scale: float | None = None, scale_window: int = 2000) -> None:
+                 loss_scale: float | None = None, scale_window: int = 2000, fault_hooks: int = 0) -> None:
         super().__init__(auto_prefix=False)
         if not isinstance(network, nn.Cell) or not isinstance(optimizer, nn.Optimizer):
             raise TypeError("GuardedTrainStep(network, optimizer): a mindspore.nn.Cell returning its loss "
@@ -167,13 +171,23 @@ class GuardedTrainStep(nn.Cell):
         self.good_steps = Parameter(Tensor(0, ms.int32), name="nanguard_good_steps", requires_grad=False)
         self.scale_window = int(scale_window)
         self.hyper_map = ops.HyperMap()
+        self.fault_hooks = int(fault_hooks)
+        self.loss_poison = Parameter(Tensor(np.ones(max(1, self.fault_hooks), np.float32)), name="nanguard_loss_poison",
+                                     requires_grad=False)
+        self.grad_poison = ms.ParameterTuple([
+            Parameter(Tensor(1.0, ms.float32), name=f"nanguard_grad_poison.{i}", requires_grad=False)
+            for i in range(len(self.weights) if self.fault_hooks else 0)])
         self.nan = Tensor(math.nan, ms.float64)
         self.false = Tensor(False, ms.bool_)
+        self.one = Tensor(1.0, ms.float32)
 
     def construct(self, *inputs: Any) -> tuple[Tensor, Tensor]:
         saved = self.hyper_map(ops.assign, self.shadow, self.state)
         scale = ops.depend(self.scale.value(), saved)
-        (_, components), grads = self.grad_fn(scale, *inputs)
+        poison = self.loss_poison.value() if self.fault_hooks else self.one
+        (_, components), grads = self.grad_fn(scale, poison, *inputs)
+        if self.fault_hooks:
+            grads = self.hyper_map(_scale_by, self.grad_poison, grads)
         grads = self.hyper_map(ops.partial(_unscale, 1.0 / scale), grads)
         total = components.sum()
         squares = self.hyper_map(_square_sum, grads)
@@ -216,13 +230,13 @@ class GuardedTrainStep(nn.Cell):
         """Everything a continuation needs, by Parameter name: the network's weights and BatchNorm
         statistics, the optimizer's moments and step, the spike windows, the loss scale (not the
         shadows: scratch space that every step overwrites)."""
-        shadows = {id(p) for p in self.shadow}
-        return {name: p.asnumpy().copy() for name, p in self.parameters_and_names() if id(p) not in shadows}
+        scratch = {id(p) for p in self.shadow} | {id(p) for p in self.grad_poison} | {id(self.loss_poison)}
+        return {name: p.asnumpy().copy() for name, p in self.parameters_and_names() if id(p) not in scratch}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """The inverse of `state_arrays` (a ValueError names a missing or misshapen entry)."""
-        shadows = {id(p) for p in self.shadow}
-        params = {name: p for name, p in self.parameters_and_names() if id(p) not in shadows}
+        scratch = {id(p) for p in self.shadow} | {id(p) for p in self.grad_poison} | {id(self.loss_poison)}
+        params = {name: p for name, p in self.parameters_and_names() if id(p) not in scratch}
         missing = sorted(set(params) - set(arrays))
         if missing:
             raise ValueError(f"state does not fit: missing {missing[:5]}")
@@ -250,7 +264,7 @@ def _unscale(factor: Tensor, grad: Tensor) -> Tensor:
 
 
 def _scale_by(coef: Tensor, grad: Tensor) -> Tensor:
-    return grad * ops.cast(coef, grad.dtype)
+    return grad * ops.cast(coef.value() if isinstance(coef, Parameter) else coef, grad.dtype)
 
 
 def _square_sum(x: Tensor) -> Tensor:
