@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+BACKEND ?= torch
 
 .PHONY: install demo test bench clean
 
@@ -16,8 +17,9 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 # The main job: generate the shapes dataset (once), train the demo preset on the CPU, evaluate.
+# make demo BACKEND=mindspore: the same with the MindSpore backend (hours on a 2-core CPU).
 demo: install
-	$(VENV)/bin/nanguard train --config demo --out $(RUN)
+	$(VENV)/bin/nanguard train --config demo --out $(RUN) backend=$(BACKEND)
 
 test: install
 	$(PY) -m pytest -q

@@ -10,8 +10,7 @@ each observation it reads (one step late).
 
 Snapshots are confirmed by the observations made with them (`policy.snapshot_confirm` healthy steps
 after the one they were taken at); a rollback restores exactly the snapshot the decision names, and the
-copies the policy no longer lists are dropped. The MindSpore backend drives its guard with this; the
-PyTorch guard (`backends/torch/guard.py`) keeps the same rules in its own code, to be moved here.
+copies the policy no longer lists are dropped. Both backends' guards drive their policy with it.
 """
 
 from __future__ import annotations
@@ -67,6 +66,12 @@ class PolicyDriver:
         self._kept = {s: snap for s, snap in self._kept.items() if s in wanted}
         if decision.action == "stop":
             self.stopped = True
+
+    def newest_kept(self) -> tuple[int, Any]:
+        """(label, copy) of the newest state a rollback could restore (the reference a replay compares a
+        bad state with)."""
+        newest = max(self._kept)
+        return newest, self._kept[newest]
 
     def rebase(self, label: int, snapshot: Any) -> None:
         """The state labelled `label` (after that step; a checkpoint just written) is the base now:

@@ -44,7 +44,6 @@ from nanguard.backends.torch.devicestate import (
 from nanguard.guard import (
     NOTE_KINDS,
     STEP_FIELDS,
-    Decision,
     GuardConfig,
     IncidentLog,
     NullIncidentLog,
@@ -52,8 +51,8 @@ from nanguard.guard import (
     Outcome,
     PolicyConfig,
     PolicyState,
-    decide,
 )
+from nanguard.guard.driver import PolicyDriver
 
 
 @dataclass(frozen=True)
@@ -160,8 +159,6 @@ class Guard:
         self.incidents = incident_log or NullIncidentLog()
         self.ranks = ranks  # a distributed run's agreement (None: one process)
         self.mailbox = HostMailbox(ranks.rank if ranks is not None else rank)
-        self.policy_state = PolicyState()
-        self.lr_factor = 1.0
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self.params[0].device
         self.fused = all(group.get("fused") for group in optimizer.param_groups)
@@ -174,9 +171,8 @@ class Guard:
         self.loss_spikes = DeviceSpikeDetector(**spikes, device=self.device)
         self.grad_spikes = DeviceSpikeDetector(**spikes, device=self.device)
         self.steps_run = 0  # data positions consumed by this guard (the observation's `step`)
-        self._staged: dict[int, dict[str, Any]] = {}  # host copies waiting for confirmation, by step
-        self._kept: dict[int, dict[str, Any]] = {-1: self._capture()}  # confirmed ones and the base
-        self.stopped = False
+        # the policy's decisions carried out: LR factor, snapshots staged and confirmed, rollback, stop
+        self.driver = PolicyDriver(self.policy_config, self.incidents, capture=self._capture, restore=self._restore)
         # When: every bad observation, as it is read. Returns whether to keep the state that step ran
         # with in `replay_states` (by step) for its replay; None keeps nothing.
         self.keep_replay_state: Callable[[Observation], bool] | None = None
@@ -185,6 +181,18 @@ class Guard:
     @property
     def rank(self) -> int:
         return self.mailbox.rank
+
+    @property
+    def policy_state(self) -> PolicyState:
+        return self.driver.policy_state
+
+    @property
+    def lr_factor(self) -> float:
+        return self.driver.lr_factor
+
+    @property
+    def stopped(self) -> bool:
+        return self.driver.stopped
 
     # ------------------------------------------------------------------------------------------
     # The step
@@ -214,8 +222,7 @@ class Guard:
         checks = self._check(backward)
         skip = self._agree(checks, backward)
         values = self._apply(skip, checks, step)
-        if self._snapshot_due(step):
-            self._staged[step] = self._capture()  # kept once the steps run with it are healthy
+        self.driver.stage(step)  # a host copy on the snapshot grid, kept once the steps run with it are healthy
         self.mailbox.post(step, pack(checks.pop("components"), values, checks.pop("rank_flags", None)),
                           backward.names, context)
         self.steps_run += 1
@@ -243,7 +250,7 @@ class Guard:
             checks["nonfinite_grad_held"] = ~torch.isfinite(grad_norm)
             # the weights this step ran with, on the check grid and right after a snapshot (which a
             # divergence must keep from being confirmed)
-            if self.steps_run % self.config.param_check_every == 0 or self._snapshot_due(self.steps_run - 1):
+            if self.steps_run % self.config.param_check_every == 0 or self.driver.snapshot_due(self.steps_run - 1):
                 # L1 norms miss a flipped sign bit; the signed sums see it (float64: no cancellation)
                 detached = [p.detach() for p in self.params]
                 l1 = torch.stack(torch._foreach_norm(detached, 1)).double().sum()
@@ -295,7 +302,7 @@ class Guard:
         values.update(lr=lr, applied=~skip)
         if self.scaler.enabled:
             values["loss_scale"] = self.scaler.update_unless(checks["incident"])
-        if step % self.config.param_check_every == 0 or self._snapshot_due(step):
+        if step % self.config.param_check_every == 0 or self.driver.snapshot_due(step):
             peak = torch.stack(torch._foreach_norm([p.detach() for p in self.params], math.inf)).max()
             values.update(nonfinite_param=~torch.isfinite(peak), wild_param=peak > self.config.param_abs_max)
         return values
@@ -370,38 +377,14 @@ class Guard:
             names = {id(buf): name for name, buf in self.model.named_buffers()}
             for buf, before in zip(self.buffers, self._buffer_snapshot):
                 state["model"][names[id(buf)]] = to_host(before)
-            newest = max(self._kept)
-            self.replay_states[obs.step] = {**state, "reference_step": newest,
-                                            "reference_model": self._kept[newest]["model"]}
+            newest, reference = self.driver.newest_kept()
+            self.replay_states[obs.step] = {**state, "reference_step": newest, "reference_model": reference["model"]}
             for old in sorted(self.replay_states)[:-4]:  # the trainer takes them at once; never pile up
                 del self.replay_states[old]
         return obs
 
     def _decide(self, obs: Observation | None) -> list[Outcome]:
-        if obs is None:
-            return []
-        decision, self.policy_state = decide(self.policy_state, obs, self.policy_config)
-        self._carry_out(obs, decision)
-        return [Outcome(obs, decision)]
-
-    def _carry_out(self, obs: Observation, decision: Decision) -> None:
-        """The decision's tensor work; the caller handles the data (quarantine) and the stop."""
-        self.lr_factor = decision.lr_factor
-        self.incidents.record(obs, decision)  # writes a line only for an incident
-        if decision.confirm_snapshot in self._staged:
-            self._kept[decision.confirm_snapshot] = self._staged.pop(decision.confirm_snapshot)
-        # a staged copy that can no longer be confirmed (a bad step came in its window) is dropped
-        horizon = obs.step - self.policy_config.snapshot_confirm
-        self._staged = {s: snap for s, snap in self._staged.items() if s > horizon}
-        if decision.action == "rollback":
-            self._rollback(decision.rollback_to_step)
-        wanted = set(self.policy_state.snapshots) | {self.policy_state.base_step}
-        self._kept = {s: snap for s, snap in self._kept.items() if s in wanted}
-        if decision.action == "stop":
-            self.stopped = True
-
-    def _snapshot_due(self, step: int) -> bool:
-        return step > 0 and step % self.policy_config.snapshot_every == 0
+        return self.driver.decide(obs)  # the caller handles the data (quarantine) and the stop
 
     def _capture(self) -> dict[str, Any]:
         # sync-ok: a host copy every policy.snapshot_every steps, not every step
@@ -414,10 +397,8 @@ class Guard:
             "grad_spikes": self.grad_spikes.state_dict(),
         })
 
-    def _rollback(self, to_step: int) -> None:
-        """Restore exactly the snapshot labelled `to_step` (the policy only names snapshots it was
-        told were kept: a missing one is a bug, not a choice)."""
-        snap = self._kept[to_step]
+    def _restore(self, snap: dict[str, Any]) -> None:
+        """Put back a snapshot (the one the policy's rollback names; `PolicyDriver` picks it)."""
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         if self.schedule is not None and snap["schedule"] is not None:
@@ -426,7 +407,6 @@ class Guard:
         self.loss_spikes.load_state_dict(snap["loss_spikes"])
         self.grad_spikes.load_state_dict(snap["grad_spikes"])
         torch._foreach_copy_(self._buffer_snapshot, self.buffers)
-        self._staged.clear()  # the step posted last ran on the state thrown away: the policy ignores it
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -435,8 +415,7 @@ class Guard:
         """Flush first (`flush()`): a pending observation is not part of the state. The snapshots are
         not either: a process that resumes from the checkpoint starts from it (its base state)."""
         return {
-            "policy_state": self.policy_state.resumed_at(self.steps_run - 1).to_dict(),
-            "lr_factor": self.lr_factor,
+            **self.driver.state_dict(self.steps_run),
             "steps_run": self.steps_run,
             "loss_spikes": self.loss_spikes.state_dict(),
             "grad_spikes": self.grad_spikes.state_dict(),
@@ -445,23 +424,15 @@ class Guard:
     def rebase(self, label: int, parts: dict[str, Any]) -> None:
         """The state labelled `label` (after that step), given as the backend's checkpoint parts, is the
         base now: older rollback targets go, as in a process that resumes from that checkpoint."""
-        self.policy_state = replace(self.policy_state, base_step=label, last_restored=None,
-                                    snapshots=tuple(s for s in self.policy_state.snapshots if s > label))
-        self._staged = {s: snap for s, snap in self._staged.items() if s > label}
-        self._kept = {s: snap for s, snap in self._kept.items() if s > label}
-        self._kept[label] = {
+        self.driver.rebase(label, {
             "model": parts["model"], "optimizer": parts["optimizer"], "schedule": parts["schedule"],
             "scaler": parts["scaler"] or None, "loss_spikes": parts["guard"]["loss_spikes"],
-            "grad_spikes": parts["guard"]["grad_spikes"]}
+            "grad_spikes": parts["guard"]["grad_spikes"]})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_run = int(state["steps_run"])
-        self.policy_state = PolicyState.from_dict(state["policy_state"]).resumed_at(self.steps_run - 1)
-        self.lr_factor = float(state["lr_factor"])
         self.loss_spikes.load_state_dict(state["loss_spikes"])
         self.grad_spikes.load_state_dict(state["grad_spikes"])
-        self.stopped = self.policy_state.stopped
         torch._foreach_copy_(self._buffer_snapshot, self.buffers)
-        self._kept = {self.steps_run - 1: self._capture()}  # the checkpoint is the base state
-        self._staged = {}
+        self.driver.load_state_dict(state, self.steps_run)  # the checkpoint is the base state
         self.mailbox.take()

@@ -1,0 +1,78 @@
+"""Does the MindSpore backend learn as the PyTorch backend does? `nanguard train` with the demo config on
+each backend for the same steps (same seed, same generated data, same schedule), then the same COCO
+evaluation (issue #15: mAP50 within 0.05 at the same steps).
+
+    python benchmarks/backend_parity.py --steps 200
+    python benchmarks/backend_parity.py --steps 1800          # the demo's length: hours on a 2-core CPU
+
+The runs are the real command (`python -m nanguard train`), one after the other (not interleaved: a
+training cannot be cut into blocks without changing it); the MindSpore one in graph mode. Reported per
+backend: mAP50, mAP, training seconds and s/step (final.json's train_seconds), weights finite, incidents.
+Prints a table and writes JSON (--json-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+BACKENDS = ("torch", "mindspore")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for both runs")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--data", default=None, help="a synth-layout folder (default: the demo's generated data)")
+    parser.add_argument("--keep", default=None, help="keep the run folders here (default: a temp folder)")
+    parser.add_argument("--plain-table", action="store_true")
+    parser.add_argument("--json-out", default="bench-out/backend_parity.json")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="nanguard-parity-"))
+    env = dict(os.environ, PYTHONPATH=str(common.REPO / "src"))
+    results = {}
+    for backend in BACKENDS:
+        run = work / backend
+        command = [sys.executable, "-m", "nanguard", "train", "--config", "demo", "--quiet", "--out", str(run),
+                   f"backend={backend}", f"train.steps={args.steps}", "explain.auto=off", *args.overrides]
+        if args.data:
+            command.append(f"data.root={args.data}")
+        print(f"{backend}: {' '.join(command[3:])}", file=sys.stderr)
+        done = subprocess.run(command, cwd=common.REPO, env=env, capture_output=True, text=True)
+        if done.returncode not in (0, 1):
+            print(done.stderr[-3000:], file=sys.stderr)
+            return done.returncode
+        final = json.loads((run / "final.json").read_text())
+        eval_ = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+        results[backend] = {"status": final["status"], "mAP50": eval_.get("mAP50"), "mAP": eval_.get("mAP"),
+                            "train_seconds": final.get("train_seconds"),
+                            "s_per_step": final["train_seconds"] / args.steps if final.get("train_seconds") else None,
+                            "weights_finite": final.get("weights_finite"), "incidents": final.get("incidents")}
+    rows = [[b, r["mAP50"], r["mAP"], r["s_per_step"], r["train_seconds"], r["weights_finite"], r["incidents"]]
+            for b, r in results.items()]
+    common.print_table(f"the demo config on each backend, {args.steps} steps ({common.machine_info()['device_name']})",
+                       ["backend", "mAP50", "mAP", "s/step", "train s", "weights finite", "incidents"], rows,
+                       plain=args.plain_table)
+    gap = None
+    if all(results[b]["mAP50"] is not None for b in BACKENDS):
+        gap = results["mindspore"]["mAP50"] - results["torch"]["mAP50"]
+        print(f"mAP50 mindspore - torch: {gap:+.3f} (goal: within 0.05)")
+    common.write_json(args.json_out, {"benchmark": "backend_parity", "machine": common.machine_info(),
+                                      "steps": args.steps, "overrides": args.overrides, "results": results,
+                                      "map50_gap": gap, "runs": str(work)})
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main, __file__)
