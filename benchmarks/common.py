@@ -287,3 +287,46 @@ def summarize(times: dict[str, dict[str, list[float]]], *, baseline: str, block:
             })
         out[name] = entry
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# MindSpore
+
+
+def require_mindspore():
+    """The mindspore module, or a one-line UserError (exit 2) saying how to get it."""
+    try:
+        import mindspore
+    except ImportError:
+        from nanguard.errors import UserError
+
+        raise UserError("mindspore is not installed: `make install` installs it") from None
+    return mindspore
+
+
+def mindspore_plain_step(network, optimizer, clip_norm: float, scale: float = 1.0):
+    """MindSpore's plain train step, as `TrainOneStepCell` with a clip: value_and_grad of the summed loss
+    components, `ops.clip_by_global_norm`, the optimizer; no checks, no masking. `scale`: a fixed loss
+    scale, divided out of the gradients again (the model zoo's FasterRCNN uses 256)."""
+    from mindspore import nn, ops
+
+    class PlainStep(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__(auto_prefix=False)
+            self.network, self.optimizer = network, optimizer
+            self.network.set_train()
+            self.grad_fn = ops.value_and_grad(self.total, None, optimizer.parameters)
+
+        def total(self, *inputs):
+            losses = self.network(*inputs)
+            total = losses[0]
+            for loss in losses[1:]:
+                total = total + loss
+            return total * scale
+
+        def construct(self, *inputs):
+            loss, grads = self.grad_fn(*inputs)
+            grads = ops.clip_by_global_norm(tuple(g / scale for g in grads), clip_norm)
+            return ops.depend(loss / scale, self.optimizer(grads))
+
+    return PlainStep()

@@ -56,12 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import mindspore as ms
-    except ImportError:
-        from nanguard.errors import UserError
-
-        raise UserError("mindspore is not installed: `make install` installs it") from None
+    ms = common.require_mindspore()
     import numpy as np
     from mindspore import Tensor, nn, ops
 
@@ -93,24 +88,6 @@ def main(argv: list[str] | None = None) -> int:
             reg = ops.smooth_l1_loss(self.reg(h), boxes, beta=1.0 / 9).mean()
             return cls, reg
 
-    class PlainStep(nn.Cell):
-        """value_and_grad, clip_by_global_norm, step; `scale`: a fixed loss scale, divided out again."""
-
-        def __init__(self, network, optimizer, clip_norm: float, scale: float = 1.0) -> None:
-            super().__init__(auto_prefix=False)
-            self.network, self.optimizer, self.clip_norm, self.scale = network, optimizer, clip_norm, scale
-            self.network.set_train()
-            self.grad_fn = ops.value_and_grad(self.total, None, optimizer.parameters)
-
-        def total(self, *inputs):
-            losses = self.network(*inputs)
-            return (losses[0] + losses[1]) * self.scale
-
-        def construct(self, *inputs):
-            loss, grads = self.grad_fn(*inputs)
-            grads = ops.clip_by_global_norm(tuple(g / self.scale for g in grads), self.clip_norm)
-            return ops.depend(loss / self.scale, self.optimizer(grads))
-
     rng = np.random.default_rng(0)
     batches = [(Tensor(rng.normal(size=(args.batch, 3, args.size, args.size)).astype(np.float32)),
                 Tensor(rng.integers(0, 4, size=args.batch).astype(np.int32)),
@@ -122,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         opt = (nn.Momentum(net.trainable_params(), 0.01, 0.9) if args.optimizer == "momentum"
                else nn.AdamWeightDecay(net.trainable_params(), 1e-3, weight_decay=1e-4))
         return GuardedTrainStep(net, opt, GuardConfig(clip_norm=10.0)) if kind == "guarded" \
-            else PlainStep(net, opt, 10.0, scale)
+            else common.mindspore_plain_step(net, opt, 10.0, scale)
 
     result = {"benchmark": "mindspore_guard_overhead", "machine": common.machine_info(), "mindspore": ms.__version__, "args": vars(args), "modes": {}}
     rows = []

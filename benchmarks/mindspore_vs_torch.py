@@ -51,15 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import mindspore as ms
-    except ImportError:
-        from nanguard.errors import UserError
-
-        raise UserError("mindspore is not installed: `make install` installs it") from None
+    ms = common.require_mindspore()
     import numpy as np
     import torch
-    from mindspore import Tensor, nn, ops
+    from mindspore import Tensor, nn
 
     from nanguard.backends.mindspore import GuardedTrainStep
     from nanguard.backends.mindspore.batch import to_static
@@ -86,22 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         static.append((Tensor(s.images), Tensor(s.boxes), Tensor(s.labels), Tensor(s.valid)))
     rng = np.random.default_rng(0)
 
-    class PlainStep(nn.Cell):
-        def __init__(self, network, optimizer_, clip_norm: float) -> None:
-            super().__init__(auto_prefix=False)
-            self.network, self.optimizer, self.clip_norm = network, optimizer_, clip_norm
-            self.network.set_train()
-            self.grad_fn = ops.value_and_grad(self.total, None, optimizer_.parameters)
-
-        def total(self, *inputs):
-            losses = self.network(*inputs)
-            return losses[0] + losses[1] + losses[2] + losses[3]
-
-        def construct(self, *inputs):
-            loss, grads = self.grad_fn(*inputs)
-            grads = ops.clip_by_global_norm(grads, self.clip_norm)
-            return ops.depend(loss, self.optimizer(grads))
-
     def mindspore_step(guarded: bool):
         ms.set_seed(0)
         model = FasterRCNN(cfg.model, 3, (args.size, args.size), max_boxes=args.max_boxes)
@@ -109,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         opt = nn.Momentum(model.trainable_params(), learning_rate=cfg.train.lr, momentum=cfg.train.momentum,
                           weight_decay=cfg.train.weight_decay)
         step = GuardedTrainStep(model, opt, GuardConfig(clip_norm=cfg.guard.clip_norm)) if guarded \
-            else PlainStep(model, opt, cfg.guard.clip_norm)
+            else common.mindspore_plain_step(model, opt, cfg.guard.clip_norm)
         return model, step
 
     last: list = []

@@ -138,3 +138,15 @@ def test_mindspore_guard_overhead_smoke(tmp_path):
     assert faults["GuardedTrainStep"]["nonfinite_weights"] == 0 and faults["GuardedTrainStep"]["skipped"] == 1
     assert faults["zoo-style (fixed scale 256, no skip)"]["nonfinite_weights"] > 0
     assert "GuardedTrainStep vs plain MindSpore step" in stdout
+
+
+def test_mindspore_vs_torch_smoke(tmp_path):
+    pytest.importorskip("mindspore", reason="mindspore is not installed (make install installs it)")
+    out = tmp_path / "mindspore_vs_torch.json"
+    stdout = run_benchmark("mindspore_vs_torch", "--batch", "1", "--size", "64", "--batches", "1", "--warmup", "0",
+                           "--rounds", "1", "--block", "1", "--variants", "torch guarded,mindspore pynative guarded",
+                           "--plain-table", "--json-out", str(out))
+    result = read(out)
+    assert set(result["results"]) == {"torch guarded", "mindspore pynative guarded"}
+    assert result["results"]["torch guarded"]["time_ratio_median"] == 1.0
+    assert "tiny Faster R-CNN train step" in stdout
