@@ -112,3 +112,17 @@ def test_what_the_mindspore_backend_cannot_do_is_refused_before_anything_is_writ
         done = nanguard("train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS, *extra)
         assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and not run.exists()
+
+
+def test_eval_picks_the_backend_from_the_checkpoint_files(tmp_path):
+    from nanguard.run.eval_command import _backend_of
+
+    (tmp_path / "ms" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ms" / "checkpoints" / "step_00000003.ckpt").write_bytes(b"x")
+    (tmp_path / "pt" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "pt" / "checkpoints" / "step_00000003.pt").write_bytes(b"x")
+    assert _backend_of(tmp_path / "ms") == "mindspore" and _backend_of(tmp_path / "pt") == "torch"
+    assert _backend_of(tmp_path / "ms" / "checkpoints" / "step_00000003.ckpt") == "mindspore"
+    kept_aside = tmp_path / "ms" / "checkpoints" / "step_00000003.ckpt.damaged"
+    kept_aside.write_bytes(b"x")
+    assert _backend_of(kept_aside) == "mindspore" and _backend_of(tmp_path / "empty") == "torch"

@@ -173,7 +173,7 @@ def _backend_of(target: Path) -> str:
     from nanguard.run.checkpoints import list_checkpoints
 
     if target.is_file():
-        return "mindspore" if target.suffix == ".ckpt" else "torch"
+        return "mindspore" if ".ckpt" in target.suffixes else "torch"  # also step_N.ckpt.damaged
     if target.is_dir() and not list_checkpoints(target, ".pt") and list_checkpoints(target, ".ckpt"):
         return "mindspore"
     return "torch"
