@@ -332,3 +332,8 @@ class NullInjectionLog:
 def read_injections(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Path(path)
     return read_jsonl(path / "injections.jsonl" if path.is_dir() else path)
+
+
+def plain_id(value):
+    """An image id as injections.jsonl records it: ints and strings as they are, anything else as text."""
+    return value if isinstance(value, (int, str)) or value is None else str(value)

@@ -12,6 +12,7 @@ logged and acted on, not diagnosed), data parallel.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from nanguard.data.loader import Batch, load_image
 from nanguard.data.targets import drop_invalid_targets
 from nanguard.errors import UserError
 from nanguard.guard import FaultPlan, Observation, Outcome
+from nanguard.guard.faults import plain_id as _plain
 from nanguard.guard.driver import PolicyDriver
 from nanguard.run.ranks import Ranks
 
@@ -196,7 +198,7 @@ class MindSporeBackend:
             boxes = [b.copy() if k == i else b for k, b in enumerate(batch.boxes)]
             j = self.faults.pick(spec, step, len(boxes[i]), "box")
             boxes[i][j, 2] = boxes[i][j, 0]
-            batch = _replace(batch, boxes=boxes)
+            batch = dataclasses.replace(batch, boxes=boxes)
             self.injections.record(step, spec, 0, {"image_id": _plain(batch.image_ids[i]), "box": j})
         return batch
 
@@ -361,16 +363,6 @@ class MindSporeBackend:
     def replay(self, path: Path, cfg: Config):
         raise UserError(f"{path}: replaying a MindSpore step is not built yet; run with backend=torch to "
                         "diagnose this kind of incident")
-
-
-def _replace(batch: Batch, **changes) -> Batch:
-    import dataclasses
-
-    return dataclasses.replace(batch, **changes)
-
-
-def _plain(value):
-    return value if isinstance(value, (int, str)) or value is None else str(value)
 
 
 def _plain_json(value):

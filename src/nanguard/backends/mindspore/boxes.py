@@ -63,6 +63,12 @@ def grid_anchors(image_size: tuple[int, int], feature_sizes: Sequence[tuple[int,
 # IoU and matching
 
 
+def clip_to_image(boxes: Tensor, height: int, width: int) -> Tensor:
+    """torchvision's clip_boxes_to_image: [N, 4] xyxy clamped to [0, width] x [0, height]."""
+    return ops.stack([ops.clamp(boxes[:, 0], 0, width), ops.clamp(boxes[:, 1], 0, height),
+                      ops.clamp(boxes[:, 2], 0, width), ops.clamp(boxes[:, 3], 0, height)], axis=1)
+
+
 def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 

@@ -60,17 +60,24 @@ def mindspore_arrays(model) -> dict[str, np.ndarray]:
 
 
 def load_arrays(model, arrays: dict[str, np.ndarray]) -> None:
-    """Set every Parameter of `model` from `arrays`; a missing, extra or misshapen tensor is an error
-    (ValueError naming it): a converted model must be the same model."""
+    """Set every Parameter of `model` from `arrays` (see `set_parameters`): a converted model must be the
+    same model."""
+    set_parameters(dict(model.parameters_and_names()), arrays, "weights")
+
+
+def set_parameters(params: dict, arrays: dict[str, np.ndarray], what: str) -> None:
+    """Set each Parameter of `params` (by name) from `arrays`; a missing, extra or misshapen tensor is a
+    ValueError naming it. A .ckpt stores a 0-dim tensor as shape (1,): equal sizes of at most one
+    dimension are taken as the same shape."""
     import mindspore as ms
 
-    params = dict(model.parameters_and_names())
     missing, extra = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
     if missing or extra:
-        raise ValueError(f"weights do not fit: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+        raise ValueError(f"{what} do not fit: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
     for name, p in params.items():
         value = np.asarray(arrays[name])
-        if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(f"weights do not fit: {name} is {tuple(value.shape)}, the model's {tuple(p.shape)}")
-        p.set_data(ms.Tensor(value.astype(ms.dtype_to_nptype(p.dtype))))
+        shape = tuple(p.shape)
+        if value.shape != shape and (value.size != int(np.prod(shape)) or max(value.ndim, len(shape)) > 1):
+            raise ValueError(f"{what} do not fit: {name} is {tuple(value.shape)}, the model's {shape}")
+        p.set_data(ms.Tensor(value.reshape(shape).astype(ms.dtype_to_nptype(p.dtype))))

@@ -277,8 +277,7 @@ class FasterRCNN(nn.Cell):
                 picked_scores.append(scores)
                 picked_levels.append(ops.full((k,), float(level), dtype=ms.float32))
             boxes = ops.concat(picked_boxes, axis=0)
-            boxes = ops.stack([ops.clamp(boxes[:, 0], 0, w), ops.clamp(boxes[:, 1], 0, h),
-                               ops.clamp(boxes[:, 2], 0, w), ops.clamp(boxes[:, 3], 0, h)], axis=1)
+            boxes = B.clip_to_image(boxes, h, w)
             prob = ops.sigmoid(ops.concat(picked_scores, axis=0))
             levels = ops.concat(picked_levels, axis=0)
             big = ops.logical_and(boxes[:, 2] - boxes[:, 0] >= 1e-3, boxes[:, 3] - boxes[:, 1] >= 1e-3)
@@ -399,8 +398,7 @@ class FasterRCNN(nn.Cell):
         classes = self.classes - 1
         for b in range(batch):
             bx = decoded[b, :, 1:, :].reshape(-1, 4)
-            bx = ops.stack([ops.clamp(bx[:, 0], 0, w), ops.clamp(bx[:, 1], 0, h),
-                            ops.clamp(bx[:, 2], 0, w), ops.clamp(bx[:, 3], 0, h)], axis=1)
+            bx = B.clip_to_image(bx, h, w)
             sc = scores[b, :, 1:].reshape(-1)
             labels = ops.broadcast_to(ops.arange(1, self.classes, dtype=ms.float32)[None, :], (slots, classes)).reshape(-1)
             ok = ops.logical_and(sc > self.score_thresh, ops.broadcast_to(proposal_valid[b][:, None], (slots, classes)).reshape(-1))

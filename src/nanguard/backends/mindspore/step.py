@@ -226,26 +226,21 @@ class GuardedTrainStep(nn.Cell):
             _flag(scale_overflow), _flag(ops.logical_not(skip)), nan])
         return components, vector
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
+    def _state_parameters(self) -> dict[str, Parameter]:
         """Everything a continuation needs, by Parameter name: the network's weights and BatchNorm
         statistics, the optimizer's moments and step, the spike windows, the loss scale (not the
-        shadows: scratch space that every step overwrites)."""
+        shadows and the fault poisons: scratch space that every step overwrites)."""
         scratch = {id(p) for p in self.shadow} | {id(p) for p in self.grad_poison} | {id(self.loss_poison)}
-        return {name: p.asnumpy().copy() for name, p in self.parameters_and_names() if id(p) not in scratch}
+        return {name: p for name, p in self.parameters_and_names() if id(p) not in scratch}
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {name: p.asnumpy().copy() for name, p in self._state_parameters().items()}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """The inverse of `state_arrays` (a ValueError names a missing or misshapen entry)."""
-        scratch = {id(p) for p in self.shadow} | {id(p) for p in self.grad_poison} | {id(self.loss_poison)}
-        params = {name: p for name, p in self.parameters_and_names() if id(p) not in scratch}
-        missing = sorted(set(params) - set(arrays))
-        if missing:
-            raise ValueError(f"state does not fit: missing {missing[:5]}")
-        for name, p in params.items():
-            value = np.asarray(arrays[name])
-            if value.size != int(np.prod(p.shape)) or (value.ndim > 1 and tuple(value.shape) != tuple(p.shape)):
-                raise ValueError(f"state does not fit: {name} is {tuple(value.shape)}, here {tuple(p.shape)}")
-            # a .ckpt stores a 0-dim tensor as shape (1,)
-            p.set_data(Tensor(value.reshape(p.shape).astype(ms.dtype_to_nptype(p.dtype))))
+        """The inverse of `state_arrays` (a ValueError names a missing, extra or misshapen entry)."""
+        from nanguard.backends.mindspore.convert import set_parameters
+
+        set_parameters(self._state_parameters(), arrays, "state tensors")
 
     def _update_scale(self, incident: Tensor, overflow: Tensor) -> Tensor:
         """Halve on an overflow, double after scale_window good steps; unchanged on a guard incident."""

@@ -13,6 +13,7 @@ import torch
 
 from nanguard.backends.torch.step import NoHooks
 from nanguard.guard import FaultPlan, FaultSpec
+from nanguard.guard.faults import plain_id as _plain
 
 
 class TorchFaults(NoHooks):
@@ -94,7 +95,3 @@ def _scaled_base_lr(schedule, factor: float):
         yield
     finally:
         schedule.base_lr = base
-
-
-def _plain(value):
-    return value if isinstance(value, (int, str)) or value is None else str(value)
