@@ -40,6 +40,8 @@ from nanguard.guard import STEP_FIELDS, GuardConfig, Observation
 from nanguard.guard.spikes import MAD_TO_STD
 
 _FIELD = {name: i for i, name in enumerate(STEP_FIELDS)}
+# the order both construct methods stack their numbers in
+assert STEP_FIELDS[:4] == ("total_loss", "grad_norm", "lr", "loss_scale") and STEP_FIELDS[12:] == ("applied", "rank_divergence")
 
 
 class DeviceSpikes(nn.Cell):
@@ -134,12 +136,16 @@ class GuardedTrainStep(nn.Cell):
 
     fault_hooks: C > 0 adds what fault injection writes between steps (`loss_poison` [C], multiplied
                into the loss components; `grad_poison`, one scalar per weight, into its gradient)
+    checks:    False builds the plain step (`guard.enabled=false`): value_and_grad, clip, the optimizer;
+               no checks, no shadows, no masking; a NaN goes into the weights as in a plain loop. Its
+               vector reports the loss, the gradient norm and the LR, no flags.
 
     Calling it returns (components: float32[C], vector: float64[len(STEP_FIELDS)]).
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, config: GuardConfig | None = None, *,
-                 loss_scale: float | None = None, scale_window: int = 2000, fault_hooks: int = 0) -> None:
+                 loss_scale: float | None = None, scale_window: int = 2000, fault_hooks: int = 0,
+                 checks: bool = True) -> None:
         super().__init__(auto_prefix=False)
         if not isinstance(network, nn.Cell) or not isinstance(optimizer, nn.Optimizer):
             raise TypeError("GuardedTrainStep(network, optimizer): a mindspore.nn.Cell returning its loss "
@@ -156,7 +162,8 @@ class GuardedTrainStep(nn.Cell):
         self.param_abs_max = float(config.param_abs_max)
         self.scaled = _ScaledTotal(network)
         self.grad_fn = ops.value_and_grad(self.scaled, None, self.weights, has_aux=True)
-        self.state = _state_parameters(network, optimizer)
+        self.checks = bool(checks)
+        self.state = _state_parameters(network, optimizer) if self.checks else []
         self.shadow = ms.ParameterTuple([Parameter(p.value().copy(), name=f"nanguard_shadow.{i}",
                                                    requires_grad=False) for i, p in enumerate(self.state)])
         self.state = ms.ParameterTuple(self.state)
@@ -182,19 +189,23 @@ class GuardedTrainStep(nn.Cell):
         self.one = Tensor(1.0, ms.float32)
 
     def construct(self, *inputs: Any) -> tuple[Tensor, Tensor]:
+        if not self.checks:  # a setting, not a tensor: decided when the cell is built
+            return self._plain(*inputs)
         saved = self.hyper_map(ops.assign, self.shadow, self.state)
         scale = ops.depend(self.scale.value(), saved)
         poison = self.loss_poison.value() if self.fault_hooks else self.one
         (_, components), grads = self.grad_fn(scale, poison, *inputs)
         if self.fault_hooks:
             grads = self.hyper_map(_scale_by, self.grad_poison, grads)
-        grads = self.hyper_map(ops.partial(_unscale, 1.0 / scale), grads)
+        if self.scaling:
+            grads = self.hyper_map(ops.partial(_unscale, 1.0 / scale), grads)
         total = components.sum()
-        squares = self.hyper_map(_square_sum, grads)
-        grad_norm = ops.sqrt(ops.stack(squares).sum())
+        # one number per gradient, then one check: a NaN or Inf anywhere makes the sum of squares
+        # non-finite (so does a norm beyond float32's range, which no clip could rescue either)
+        grad_norm = ops.sqrt(ops.stack(self.hyper_map(_square_sum, grads)).sum())
         nonfinite_loss = ops.logical_not(ops.isfinite(components).all())
-        nonfinite_grad = ops.logical_not(_all_finite(self.hyper_map(_finite, grads)))
-        nonfinite_buffer = ops.logical_not(_all_finite(self.hyper_map(_finite, self.buffers)))
+        nonfinite_grad = ops.logical_not(ops.isfinite(grad_norm))
+        nonfinite_buffer = ops.logical_not(_all_finite(self.buffers))
         overflow, scale_overflow = self.false, self.false
         if self.scaling:  # fp16 cannot tell an overflow from a NaN: the scaler's business, no incident
             overflow = nonfinite_grad
@@ -224,6 +235,24 @@ class GuardedTrainStep(nn.Cell):
             _flag(nonfinite_loss), _flag(nonfinite_grad), _flag(nonfinite_buffer), _flag(loss_spike),
             _flag(grad_spike), _flag(ops.logical_not(ops.isfinite(peak))), _flag(peak > self.param_abs_max),
             _flag(scale_overflow), _flag(ops.logical_not(skip)), nan])
+        return components, vector
+
+    def _plain(self, *inputs: Any) -> tuple[Tensor, Tensor]:
+        poison = self.loss_poison.value() if self.fault_hooks else self.one
+        (_, components), grads = self.grad_fn(self.one, poison, *inputs)
+        if self.fault_hooks:
+            grads = self.hyper_map(_scale_by, self.grad_poison, grads)
+        grad_norm = ops.sqrt(ops.stack(self.hyper_map(_square_sum, grads)).sum())
+        if self.clip_norm > 0:
+            grads = self.hyper_map(ops.partial(_scale_by, ops.minimum(self.clip_norm / (grad_norm + 1e-6), 1.0)),
+                                   grads)
+        lr = self.optimizer.get_lr()
+        if isinstance(lr, (tuple, list)):
+            lr = lr[0]
+        updated = self.optimizer(grads)
+        zero = ops.depend(ops.zeros((), ms.float64), updated)
+        vector = ops.stack([ops.cast(components.sum(), ms.float64), ops.cast(grad_norm, ms.float64),
+                            ops.cast(lr, ms.float64).reshape(()), self.nan] + [zero] * 8 + [zero + 1, self.nan])
         return components, vector
 
     def _state_parameters(self) -> dict[str, Parameter]:
@@ -267,12 +296,14 @@ def _square_sum(x: Tensor) -> Tensor:
     return (x * x).sum()
 
 
-def _finite(x: Tensor) -> Tensor:
-    return ops.isfinite(x).all()
+def _flat(tensors: tuple) -> Tensor:
+    """The tensors as one float32 vector: one kernel for a check instead of one or two per tensor (a
+    kernel launch costs more than the bytes here: hundreds of small tensors)."""
+    return ops.concat([ops.cast(t, ms.float32).reshape(-1) for t in tensors])
 
 
-def _all_finite(flags: tuple) -> Tensor:
-    return ops.stack(flags).all() if len(flags) else ops.ones((), ms.bool_)
+def _all_finite(tensors: tuple) -> Tensor:
+    return ops.isfinite(_flat(tensors)).all() if len(tensors) else ops.ones((), ms.bool_)
 
 
 def _abs_max(x: Tensor) -> Tensor:
@@ -280,7 +311,9 @@ def _abs_max(x: Tensor) -> Tensor:
 
 
 def _keep_unless(skip: Tensor, param: Parameter, shadow: Parameter) -> Tensor:
-    return ops.assign(param, ops.select(skip, shadow, param))
+    # where with the flag broadcast first: ops.select with a 0-dim condition is MindSpore's slow path
+    # on the CPU (0.33 s a step for the tiny detector's 495 state tensors, ~0 this way)
+    return ops.assign(param, ops.where(ops.broadcast_to(skip, param.shape), shadow, param))
 
 
 def _flag(x: Tensor) -> Tensor:
