@@ -54,6 +54,9 @@ def straight(shapes, tmp_path_factory) -> Path:
 def test_a_mindspore_run_skips_the_bad_step_and_ends_like_a_torch_run(straight):
     final = json.loads((straight / "final.json").read_text())
     assert final["status"] == "completed" and final["weights_finite"] and final["skipped_steps"] == 1
+    runtime = final["runtime"]  # what the process ran under: the oneDNN cap, Ascend's overflow mode
+    assert runtime["backend"] == "mindspore" and runtime["mode"] == "graph" and runtime["device_target"] == "CPU"
+    assert "onednn_max_cpu_isa" in runtime and "INFNAN_MODE" in runtime["ascend_overflow_mode"]
     assert [(r["step"], r["action"], r["applied"]) for r in lines(straight / "incidents.jsonl")] == [(2, "skip", False)]
     injected = lines(straight / "injections.jsonl")
     assert [(r["step"], r["kind"]) for r in injected] == [(2, "nan_input")]
@@ -103,10 +106,21 @@ def test_each_applicable_inject_kind_is_seen_at_its_step_and_the_run_completes(s
                                                                    "weight_bitflip", "lr_spike"}
 
 
+def test_unguarded_the_nan_goes_into_the_weights_as_in_a_plain_loop(shapes, tmp_path):
+    """guard.enabled=false: the same cell without checks. The NaN image is trained on, nothing is
+    skipped, the weights end NaN (what the model zoo's step does); metrics every train.log_every steps."""
+    run = tmp_path / "plain"
+    train(run, shapes, "train.steps=4", "train.log_every=2", "train.eval_at_end=false", "guard.enabled=false",
+          "--inject", "nan_input@1")
+    final = json.loads((run / "final.json").read_text())
+    assert final["status"] == "completed" and final["skipped_steps"] == 0 and not final["weights_finite"]
+    assert lines(run / "incidents.jsonl") == []
+    assert [r["step"] for r in lines(run / "metrics.jsonl")] == [0, 2, 3]
+
+
 def test_what_the_mindspore_backend_cannot_do_is_refused_before_anything_is_written(shapes, tmp_path):
     for extra, words in ((["model.name=resnet50_fpn"], "model.name=resnet50_fpn"),
                          (["train.amp=bf16"], "train.amp=bf16"),
-                         (["guard.enabled=false"], "guard.enabled=false"),
                          (["--device", "cuda"], "--device cuda")):
         run = tmp_path / f"refused_{len(words)}"
         done = nanguard("train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS, *extra)
@@ -126,3 +140,63 @@ def test_eval_picks_the_backend_from_the_checkpoint_files(tmp_path):
     kept_aside = tmp_path / "ms" / "checkpoints" / "step_00000003.ckpt.damaged"
     kept_aside.write_bytes(b"x")
     assert _backend_of(kept_aside) == "mindspore" and _backend_of(tmp_path / "empty") == "torch"
+
+
+# nanguard in a child that SIGKILLs itself halfway through writing its first checkpoint (a torn write)
+TORN_WRITE = """
+import os, signal, sys
+import mindspore as ms
+real_save = ms.save_checkpoint
+def torn_save(entries, path, *a, **k):
+    real_save(entries, path, *a, **k)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+ms.save_checkpoint = torn_save
+from nanguard.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_step_and_mid_checkpoint_then_resume_is_bit_identical(shapes, tmp_path):
+    """Killed at a random moment once a checkpoint is on disk, then again halfway through writing the
+    next one: the last resume ends bit-identical to the run never killed."""
+    import random
+    import signal
+    import time
+
+    common = ["train.steps=8", "train.checkpoint_every=2", "policy.snapshot_confirm=1", "train.eval_at_end=false",
+              "--inject", "nan_input@2"]
+    reference = tmp_path / "reference"
+    train(reference, shapes, *common)
+    run = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    child = subprocess.Popen([sys.executable, "-m", "nanguard", "train", "--quiet", "--out", str(run),
+                              f"data.root={shapes}", *ARGS, *common], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while child.poll() is None and not list((run / "checkpoints").glob("step_*.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random(7).uniform(0.0, 0.3))
+    assert child.poll() is None, child.stderr.read().decode()[-2000:]
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step_*.ckpt"))
+    assert kept and "step_00000008.ckpt" not in kept
+
+    torn = subprocess.run([sys.executable, "-c", TORN_WRITE, "train", "--quiet", "--resume", str(run)], cwd=REPO,
+                          env=env, capture_output=True, timeout=600)
+    assert torn.returncode == -signal.SIGKILL, torn.stderr.decode()[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.ckpt")) == kept  # the torn file got no name
+
+    done = nanguard("train", "--quiet", "--resume", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, theirs = (arrays(r / "checkpoints" / "step_00000008.ckpt") for r in (run, reference))
+    assert set(ours) == set(theirs)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    assert [(r["step"], r["total_loss"]) for r in lines(run / "metrics.jsonl")] == \
+        [(r["step"], r["total_loss"]) for r in lines(reference / "metrics.jsonl")]
+    assert [(r["step"], r["action"]) for r in lines(run / "incidents.jsonl")] == [(2, "skip")]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # the scratch files: removed

@@ -78,6 +78,10 @@ class Backend(Protocol):
 
     def weights_finite(self) -> bool: ...
 
+    def runtime(self) -> dict[str, Any]:
+        """Facts about the process the run trained in (framework version, device, the settings that
+        change numerics or speed): final.json's `runtime`."""
+
     def rank_param_digests(self) -> list[str]:
         """A digest of the parameters of every rank, rank by rank (a collective: every rank calls it at
         the end of a run); one entry in one process."""

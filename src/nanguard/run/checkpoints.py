@@ -50,8 +50,10 @@ class Checkpoints:
         self.backend.save_checkpoint(path, state)
         for _, old in list_checkpoints(self.run_dir, self.suffix)[:-self.keep]:
             old.unlink(missing_ok=True)
-        for tmp in checkpoint_dir(self.run_dir).glob(f".step_*{self.suffix}.*.tmp"):
-            tmp.unlink(missing_ok=True)  # left by a process killed mid-write
+        # left by a process killed mid-write: the atomic write's .tmp, a backend's own scratch file (MindSpore
+        # writes `.step_N.ckpt.XXXX.ckpt` first: its save_checkpoint wants the suffix)
+        for tmp in checkpoint_dir(self.run_dir).glob(f".step_*{self.suffix}.*"):
+            tmp.unlink(missing_ok=True)
         return path
 
     def load_newest(self) -> dict[str, Any] | None:

@@ -225,6 +225,7 @@ class Training:
             **incidents.summary(),
             "injections": self.injections.count if self.plan else 0,
             "weights_finite": backend.weights_finite(),
+            "runtime": backend.runtime(),
         }
         if backend.stopped:
             final["verdict"] = backend.policy_state.stop_verdict

@@ -5,9 +5,10 @@ out by the framework-free `PolicyDriver`, checkpoints in MindSpore's .ckpt forma
     nanguard train --config demo backend=mindspore
 
 CPU only here (MindSpore's GPU plugin needs CUDA 11 libraries the lent GPUs do not have). Graph mode
-by default; NANGUARD_MINDSPORE_MODE=pynative runs the same step eagerly. Not built yet: a plain
-(unguarded) step, mixed precision, replay and localisation of incidents (a MindSpore run's incidents are
-logged and acted on, not diagnosed), data parallel.
+by default; NANGUARD_MINDSPORE_MODE=pynative runs the same step eagerly. `guard.enabled=false` trains
+with the same cell built without checks (`GuardedTrainStep(checks=False)`). Not built yet: mixed
+precision, replay and localisation of incidents (a MindSpore run's incidents are logged and acted on,
+not diagnosed), data parallel.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from nanguard.data.coco import CocoIndex
 from nanguard.data.loader import Batch, load_image
 from nanguard.data.targets import drop_invalid_targets
 from nanguard.errors import UserError
-from nanguard.guard import FaultPlan, Observation, Outcome
+from nanguard.guard import Decision, FaultPlan, Observation, Outcome
 from nanguard.guard.faults import plain_id as _plain
 from nanguard.guard.driver import PolicyDriver
 from nanguard.run.ranks import Ranks
@@ -67,8 +68,6 @@ class MindSporeBackend:
             refused.append("model.weights (convert a PyTorch tiny with nanguard.backends.mindspore.convert)")
         if cfg.train.amp != "off":
             refused.append(f"train.amp={cfg.train.amp} (MindSpore runs float32 here)")
-        if not cfg.guard.enabled:
-            refused.append("guard.enabled=false (no plain MindSpore step yet)")
         if Ranks.from_env().distributed:
             refused.append("several processes (no MindSpore data parallel yet)")
         if refused:
@@ -104,7 +103,8 @@ class MindSporeBackend:
             optimizer = nn.Adam(groups, learning_rate=self.schedule)
         else:
             optimizer = nn.AdamWeightDecay(groups, learning_rate=self.schedule)
-        self.step_cell = GuardedTrainStep(self.model, optimizer, cfg.guard, fault_hooks=len(LOSS_NAMES) if faults else 0)
+        self.step_cell = GuardedTrainStep(self.model, optimizer, cfg.guard, fault_hooks=len(LOSS_NAMES) if faults else 0,
+                                          checks=cfg.guard.enabled)
         self.weights = list(optimizer.parameters)
         self.rng = np.random.default_rng(cfg.seed)  # the samplers' noise
         self.steps_run = 0
@@ -146,13 +146,17 @@ class MindSporeBackend:
         components, vector = self.step_cell(Tensor(static.images), Tensor(static.boxes), Tensor(static.labels),
                                             Tensor(static.valid), Tensor(noise))
         self._after_step(step, active)
-        self.driver.stage(step)
+        if self.cfg.guard.enabled:
+            self.driver.stage(step)
         context = dict(image_ids=batch.image_ids, annotation_ids=batch.annotation_ids,
                        batch=(batch.key.epoch, batch.key.position), invalid_targets=invalid)
         return self._advance((step, components, vector, None, context))
 
     def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple,
                    annotation_ids: tuple) -> list[Outcome]:
+        if not self.cfg.guard.enabled:  # unguarded, a batch that cannot be read ends the run (as torch's)
+            raise UserError(f"image(s) {', '.join(map(str, image_ids))}: cannot be read ({error}); with "
+                            "guard.enabled=false the run stops here: run `nanguard audit` on the split") from None
         message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
         context = dict(image_ids=tuple(image_ids), annotation_ids=tuple(annotation_ids), batch=batch_key)
         return self._advance((self.steps_run, None, None, message[:300], context))
@@ -160,6 +164,9 @@ class MindSporeBackend:
     def _advance(self, posted: tuple) -> list[Outcome]:
         previous, self._pending = self._pending, posted
         self.steps_run += 1
+        if not self.cfg.guard.enabled:  # unguarded: the numbers are read every train.log_every steps only
+            due = (self.steps_run - 1) % max(1, self.cfg.train.log_every) == 0
+            return self.flush() if due else []
         outcomes = self.driver.decide(self._read(previous))
         self.schedule.set_factor(self.driver.lr_factor)
         return outcomes
@@ -176,6 +183,10 @@ class MindSporeBackend:
 
     def flush(self) -> list[Outcome]:
         pending, self._pending = self._pending, None
+        if not self.cfg.guard.enabled:
+            observation = self._read(pending)
+            return [] if observation is None else [
+                Outcome(observation, Decision(step=observation.step, action="none", reason="unguarded", lr_factor=1.0))]
         return self.driver.decide(self._read(pending))
 
     @property
@@ -339,6 +350,12 @@ class MindSporeBackend:
 
     def weights_finite(self) -> bool:
         return all(bool(np.isfinite(p.asnumpy()).all()) for p in self.model.get_parameters())
+
+    def runtime(self) -> dict[str, Any]:
+        from nanguard.backends.mindspore import runtime
+
+        mode = "graph" if self.ms.get_context("mode") == self.ms.GRAPH_MODE else "pynative"
+        return {"backend": self.name, "mode": mode, **runtime.facts("CPU")}
 
     def rank_param_digests(self) -> list[str]:
         import hashlib

@@ -213,5 +213,16 @@ class TorchBackend:
         return bool(all(torch.isfinite(p).all() for p in self.model.parameters()))  # sync-ok: end of run
 
 
+    def runtime(self) -> dict[str, Any]:
+        device = torch.device(self.device)
+        facts = {"backend": self.name, "torch": torch.__version__, "device": str(device),
+                 "amp": self.cfg.train.amp, "threads": torch.get_num_threads()}
+        if device.type == "cuda":
+            facts["gpu"] = torch.cuda.get_device_name(device)
+        else:
+            facts["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        return facts
+
+
 def create(device: str | None) -> TorchBackend:
     return TorchBackend(pick_device(device))
