@@ -14,9 +14,6 @@ Prints a table and writes JSON (--json-out).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,25 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="nanguard-parity-"))
-    env = dict(os.environ, PYTHONPATH=str(common.REPO / "src"))
     results = {}
     for backend in BACKENDS:
-        run = work / backend
-        command = [sys.executable, "-m", "nanguard", "train", "--config", "demo", "--quiet", "--out", str(run),
-                   f"backend={backend}", f"train.steps={args.steps}", "explain.auto=off", *args.overrides]
-        if args.data:
-            command.append(f"data.root={args.data}")
-        print(f"{backend}: {' '.join(command[3:])}", file=sys.stderr)
-        done = subprocess.run(command, cwd=common.REPO, env=env, capture_output=True, text=True)
-        if done.returncode not in (0, 1):
-            print(done.stderr[-3000:], file=sys.stderr)
-            return done.returncode
-        final = json.loads((run / "final.json").read_text())
-        eval_ = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
-        results[backend] = {"status": final["status"], "mAP50": eval_.get("mAP50"), "mAP": eval_.get("mAP"),
-                            "train_seconds": final.get("train_seconds"),
-                            "s_per_step": final["train_seconds"] / args.steps if final.get("train_seconds") else None,
-                            "weights_finite": final.get("weights_finite"), "incidents": final.get("incidents")}
+        result = common.train_demo(work / backend, args.steps, [f"backend={backend}", *args.overrides], data=args.data)
+        if result is None:
+            return 1
+        results[backend] = result
     rows = [[b, r["mAP50"], r["mAP"], r["s_per_step"], r["train_seconds"], r["weights_finite"], r["incidents"]]
             for b, r in results.items()]
     common.print_table(f"the demo config on each backend, {args.steps} steps ({common.machine_info()['device_name']})",

@@ -330,3 +330,32 @@ def mindspore_plain_step(network, optimizer, clip_norm: float, scale: float = 1.
             return ops.depend(loss / scale, self.optimizer(grads))
 
     return PlainStep()
+
+
+def train_demo(run: Path, steps: int, overrides: list[str], *, data: str | None = None,
+               injects: list[str] = ()) -> dict | None:
+    """`python -m nanguard train --config demo` for `steps` steps into `run` (explain off), then what
+    final.json and eval.json say; None (the stderr tail printed) when the command fails."""
+    import json
+    import os
+    import subprocess
+
+    command = [sys.executable, "-m", "nanguard", "train", "--config", "demo", "--quiet", "--out", str(run),
+               f"train.steps={steps}", "explain.auto=off", *overrides]
+    if data:
+        command.append(f"data.root={data}")
+    for spec in injects:
+        command += ["--inject", spec]
+    print(" ".join(command[3:]), file=sys.stderr)
+    done = subprocess.run(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+                          capture_output=True, text=True)
+    if done.returncode not in (0, 1):
+        print(done.stderr[-3000:], file=sys.stderr)
+        return None
+    final = json.loads((run / "final.json").read_text())
+    eval_ = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+    seconds = final.get("train_seconds")
+    return {"status": final["status"], "mAP50": eval_.get("mAP50"), "mAP": eval_.get("mAP"),
+            "train_seconds": seconds, "s_per_step": seconds / steps if seconds else None,
+            "weights_finite": final.get("weights_finite"), "incidents": final.get("incidents"),
+            "skipped_steps": final.get("skipped_steps"), "runtime": final.get("runtime")}
