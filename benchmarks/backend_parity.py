@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for both runs")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--data", default=None, help="a synth-layout folder (default: the demo's generated data)")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="which to run (default: both)")
     parser.add_argument("--keep", default=None, help="keep the run folders here (default: a temp folder)")
     parser.add_argument("--plain-table", action="store_true")
     parser.add_argument("--json-out", default="bench-out/backend_parity.json")
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be >= 1")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="nanguard-parity-"))
     results = {}
-    for backend in BACKENDS:
+    for backend in args.backends.split(","):
+        if backend not in BACKENDS:
+            parser.error(f"--backends: {backend!r} is not one of {', '.join(BACKENDS)}")
         result = common.train_demo(work / backend, args.steps, [f"backend={backend}", *args.overrides], data=args.data)
         if result is None:
             return 1
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                        ["backend", "mAP50", "mAP", "s/step", "train s", "weights finite", "incidents"], rows,
                        plain=args.plain_table)
     gap = None
-    if all(results[b]["mAP50"] is not None for b in BACKENDS):
+    if all(b in results and results[b]["mAP50"] is not None for b in BACKENDS):
         gap = results["mindspore"]["mAP50"] - results["torch"]["mAP50"]
         print(f"mAP50 mindspore - torch: {gap:+.3f} (goal: within 0.05)")
     common.write_json(args.json_out, {"benchmark": "backend_parity", "machine": common.machine_info(),

@@ -349,7 +349,7 @@ def train_demo(run: Path, steps: int, overrides: list[str], *, data: str | None 
     print(" ".join(command[3:]), file=sys.stderr)
     done = subprocess.run(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
                           capture_output=True, text=True)
-    if done.returncode not in (0, 1):
+    if done.returncode not in (0, 1) or not (run / "final.json").exists():  # 1: a run the policy stopped
         print(done.stderr[-3000:], file=sys.stderr)
         return None
     final = json.loads((run / "final.json").read_text())

@@ -113,6 +113,25 @@ def test_without_the_guard_the_same_nan_input_poisons_the_network():
     assert "net.body.1.moving_mean" in poisoned and "net.body.0.weight" in poisoned
 
 
+def test_checks_false_is_the_plain_step_it_reports_but_never_stops_a_nan(mode):
+    """`checks=False` (guard.enabled=false): the same numbers as the guarded step on a healthy batch,
+    then the NaN batch goes into the weights, every flag 0, `applied` 1."""
+    guarded_net, guarded_opt, guarded = build("momentum", GuardConfig(clip_norm=1.0))
+    net, opt, plain = build("momentum", GuardConfig(clip_norm=1.0), checks=False)
+    assert len(plain.shadow) == 0
+    rng = np.random.default_rng(0)
+    healthy = batch(rng)
+    (ga, gv), (pa, pv) = guarded(*healthy), plain(*healthy)
+    np.testing.assert_array_equal(pa.asnumpy(), ga.asnumpy())
+    np.testing.assert_allclose(pv.asnumpy()[:3], gv.asnumpy()[:3], rtol=1e-6)  # loss, gradient norm, lr
+    np.testing.assert_array_equal(state(net, opt)["net.head.weight"], state(guarded_net, guarded_opt)["net.head.weight"])
+    reader = StepReader(("mse", "l1"))
+    reader.push(1, *plain(*batch(rng, nan_input=True)))
+    [observation] = reader.flush()
+    assert math.isnan(observation.grad_norm) and observation.applied and observation.kinds() == []
+    assert not np.isfinite(state(net, opt)["net.body.0.weight"]).all()
+
+
 def test_graph_mode_and_pynative_train_the_same_numbers():
     runs = {}
     for name in ("graph", "pynative"):

@@ -216,13 +216,8 @@ class GuardedTrainStep(nn.Cell):
         incident = ops.logical_or(ops.logical_or(nonfinite_loss, nonfinite_grad),
                                   ops.logical_or(nonfinite_buffer, ops.logical_or(loss_spike, grad_spike)))
         skip = ops.logical_or(incident, scale_overflow)
-        if self.clip_norm > 0:  # a skipped step's coefficient does not matter: the update is put back
-            coef = ops.minimum(self.clip_norm / (grad_norm + 1e-6), 1.0)
-            grads = self.hyper_map(ops.partial(_scale_by, coef), grads)
-        lr = self.optimizer.get_lr()
-        if isinstance(lr, (tuple, list)):  # group learning rates: report the first
-            lr = lr[0]
-        lr = ops.cast(lr, ms.float64).reshape(())
+        grads = self._clip(grads, grad_norm)  # a skipped step's coefficient does not matter: it is put back
+        lr = self._lr()
         updated = self.optimizer(grads)
         kept = self.hyper_map(ops.partial(_keep_unless, ops.depend(skip, updated)), self.state, self.shadow)
         peak = ops.depend(ops.stack(self.hyper_map(_abs_max, self.weights)).max(), kept)
@@ -243,17 +238,23 @@ class GuardedTrainStep(nn.Cell):
         if self.fault_hooks:
             grads = self.hyper_map(_scale_by, self.grad_poison, grads)
         grad_norm = ops.sqrt(ops.stack(self.hyper_map(_square_sum, grads)).sum())
-        if self.clip_norm > 0:
-            grads = self.hyper_map(ops.partial(_scale_by, ops.minimum(self.clip_norm / (grad_norm + 1e-6), 1.0)),
-                                   grads)
-        lr = self.optimizer.get_lr()
-        if isinstance(lr, (tuple, list)):
-            lr = lr[0]
-        updated = self.optimizer(grads)
+        lr = self._lr()
+        updated = self.optimizer(self._clip(grads, grad_norm))
         zero = ops.depend(ops.zeros((), ms.float64), updated)
-        vector = ops.stack([ops.cast(components.sum(), ms.float64), ops.cast(grad_norm, ms.float64),
-                            ops.cast(lr, ms.float64).reshape(()), self.nan] + [zero] * 8 + [zero + 1, self.nan])
+        vector = ops.stack([ops.cast(components.sum(), ms.float64), ops.cast(grad_norm, ms.float64), lr, self.nan]
+                           + [zero] * 8 + [zero + 1, self.nan])
         return components, vector
+
+    def _clip(self, grads: tuple, grad_norm: Tensor) -> tuple:
+        if self.clip_norm <= 0:
+            return grads
+        return self.hyper_map(ops.partial(_scale_by, ops.minimum(self.clip_norm / (grad_norm + 1e-6), 1.0)), grads)
+
+    def _lr(self) -> Tensor:
+        lr = self.optimizer.get_lr()
+        if isinstance(lr, (tuple, list)):  # group learning rates: report the first
+            lr = lr[0]
+        return ops.cast(lr, ms.float64).reshape(())
 
     def _state_parameters(self) -> dict[str, Parameter]:
         """Everything a continuation needs, by Parameter name: the network's weights and BatchNorm
