@@ -118,8 +118,19 @@ def test_unguarded_the_nan_goes_into_the_weights_as_in_a_plain_loop(shapes, tmp_
     assert [r["step"] for r in lines(run / "metrics.jsonl")] == [0, 2, 3]
 
 
+def test_resnet50_fpn_trains_skips_a_nan_image_and_evaluates(shapes, tmp_path):
+    """model.name=resnet50_fpn (torchvision's layout, FrozenBatchNorm2d's fixed statistics): the same
+    guarded step compiles and runs, the NaN image is skipped, eval reads the run."""
+    run = tmp_path / "r50"
+    train(run, shapes, "model.name=resnet50_fpn", "model.trainable_bn=false", "train.steps=3", "--inject", "nan_input@1")
+    final = json.loads((run / "final.json").read_text())
+    assert final["status"] == "completed" and final["weights_finite"] and final["skipped_steps"] == 1
+    assert [(r["step"], r["action"]) for r in lines(run / "incidents.jsonl")] == [(1, "skip")]
+    assert "mAP50" in json.loads((run / "eval.json").read_text())
+
+
 def test_what_the_mindspore_backend_cannot_do_is_refused_before_anything_is_written(shapes, tmp_path):
-    for extra, words in ((["model.name=resnet50_fpn"], "model.name=resnet50_fpn"),
+    for extra, words in ((["model.name=mobilenet_v3_fpn"], "model.name=mobilenet_v3_fpn"),
                          (["train.amp=bf16"], "train.amp=bf16"),
                          (["--device", "cuda"], "--device cuda")):
         run = tmp_path / f"refused_{len(words)}"

@@ -80,6 +80,50 @@ def test_converted_weights_give_the_same_features_and_rpn_outputs(pair, train):
     t.eval()
 
 
+@pytest.mark.parametrize("trainable_bn", [True, False], ids=["batchnorm", "frozen"])
+def test_resnet50_fpn_converts_and_gives_the_same_features_rpn_and_box_head(trainable_bn):
+    """torchvision's fasterrcnn_resnet50_fpn layout (the PyTorch backend's resnet50_fpn): converted
+    weights give the same FPN maps, RPN outputs and box-head outputs (train mode: batch statistics, or
+    FrozenBatchNorm2d's fixed ones), and convert back exactly."""
+    cfg = ModelConfig(name="resnet50_fpn", min_size=64, max_size=64, trainable_bn=trainable_bn)
+    torch.manual_seed(0)
+    t = build_model(cfg, 3).train()
+    with torch.no_grad():  # statistics that are not 0 / 1, so that their conversion is tested
+        for name, buffer in t.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.uniform_(-0.2, 0.2)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    m = FasterRCNN(cfg, 3, (64, 64), max_boxes=4)
+    m.set_train(True)
+    load_arrays(m, torch_to_mindspore({k: v.numpy() for k, v in t.state_dict().items()}))
+    back = mindspore_to_torch(mindspore_arrays(m))  # loads strictly (FrozenBatchNorm2d drops num_batches_tracked)
+    t.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in back.items()})
+    trainable = {n for n, p in m.parameters_and_names() if p.requires_grad}
+    assert ("backbone.body.bn1.gamma" in trainable) == trainable_bn
+    x = images()
+    with torch.no_grad():
+        normalized = (torch.from_numpy(x) - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+            / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        expected = t.backbone(normalized)
+        objectness, deltas = t.rpn.head(list(expected.values()))
+        boxes = torch.tensor([[2, 3, 30, 40], [10, 10, 20, 60], [0, 0, 63, 63], [5.5, 7.25, 9, 12]])
+        pooled = t.roi_heads.box_roi_pool(expected, [boxes[:2], boxes[2:]], [(64, 64)] * 2)
+        logits, _ = t.roi_heads.box_predictor(t.roi_heads.box_head(pooled))
+    got = m.backbone(m.normalize(Tensor(x)))
+    for level, (a, b) in enumerate(zip(got, expected.values())):
+        np.testing.assert_allclose(a.asnumpy(), b.numpy(), rtol=1e-3, atol=5e-3, err_msg=f"level {level}")
+    ms_objectness, _ = m.rpn.head(got)
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    flat_objectness, _ = concat_box_prediction_layers(objectness, deltas)
+    np.testing.assert_allclose(ms_objectness.asnumpy().reshape(-1), flat_objectness.numpy().reshape(-1),
+                               rtol=1e-3, atol=1e-3)
+    ms_logits, _ = m.roi_heads.box_predictor(m.roi_heads.box_head(m.pool(got, Tensor(boxes.numpy().reshape(2, 2, 4)))))
+    np.testing.assert_allclose(ms_logits.asnumpy(), logits.numpy(), rtol=1e-3, atol=1e-3)
+    t.eval()
+
+
 def test_roi_align_and_the_box_head_match_on_the_same_rois(pair):
     t, m = pair
     t.eval()

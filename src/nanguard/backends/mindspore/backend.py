@@ -62,8 +62,8 @@ class MindSporeBackend:
 
     def check_config(self, cfg: Config) -> None:
         refused = []
-        if cfg.model.name != "tiny":
-            refused.append(f"model.name={cfg.model.name} (only tiny is built for MindSpore)")
+        if cfg.model.name not in ("tiny", "resnet50_fpn"):
+            refused.append(f"model.name={cfg.model.name} (tiny and resnet50_fpn are built for MindSpore)")
         if cfg.model.weights:
             refused.append("model.weights (convert a PyTorch tiny with nanguard.backends.mindspore.convert)")
         if cfg.train.amp != "off":

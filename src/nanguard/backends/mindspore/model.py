@@ -1,13 +1,18 @@
-"""The `tiny` Faster R-CNN of the PyTorch backend, written for MindSpore with static shapes.
+"""The Faster R-CNN models of the PyTorch backend, written for MindSpore with static shapes.
 
     model = FasterRCNN(ModelConfig(), num_classes=3, image_size=(128, 128))
     losses = model(images, gt_boxes, gt_labels, gt_valid, noise)   # 4 scalars, graph mode or PyNative
     boxes, scores, labels, valid = model.detect(images)            # fixed slots + a mask
 
-The same architecture and parameter paths as `nanguard.backends.torch.model.build_model` with
-`model.name=tiny` (mobilenet_v3_large features with BatchNorm, a 5-level FPN, one anchor size per level,
-RoIAlign over the four conv levels, a two-layer box head), so `convert.py` moves weights between the two
-by renaming. Static shapes throughout, so that one train step compiles once:
+The same architectures and parameter paths as `nanguard.backends.torch.model.build_model`:
+- `tiny`: mobilenet_v3_large features with BatchNorm, a 5-level FPN, one anchor size per level (12 to
+  192 px), RoIAlign over the four conv levels, a two-layer box head;
+- `resnet50_fpn`: torchvision's fasterrcnn_resnet50_fpn (ResNet-50 with BatchNorm, or FrozenBatchNorm2d's
+  fixed statistics with model.trainable_bn=false; a 256-wide FPN; anchors 32 to 512 px; a 1024-wide box
+  head). Random init, as in the PyTorch backend (nothing is downloaded).
+`convert.py` moves weights between the two by renaming. The rest (anchors on the five levels, RPN,
+proposals, RoI heads) is shared: both FPNs have strides 4 to 64. Static shapes throughout, so that one
+train step compiles once:
 - the images of a batch share one size (`image_size`, fixed when the model is built: the host resizes and
   pads, as torchvision's transform would for images of one size);
 - ground truth is padded to G boxes per image with a validity mask;
@@ -40,6 +45,8 @@ MOBILENET_V3_LARGE = (
     (112, 5, 672, 160, True, "HS", 2), (160, 5, 960, 160, True, "HS", 1), (160, 5, 960, 160, True, "HS", 1),
 )
 TINY_ANCHOR_SIZES = ((12,), (24,), (48,), (96,), (192,))
+RESNET_ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))  # torchvision's default for resnet50_fpn
+MODEL_NAMES = ("tiny", "resnet50_fpn")
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 # the features' indices returned to the FPN (the block before each strided one, and the last conv)
 TINY_RETURNED = (3, 6, 12, 16)
@@ -197,10 +204,71 @@ class BoxPredictor(nn.Cell):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-class Backbone(nn.Cell):
-    def __init__(self, channels: int) -> None:
+class Bottleneck(nn.Cell):
+    """torchvision's ResNet Bottleneck (stride on the 3x3 conv): conv1/bn1, conv2/bn2, conv3/bn3, and a
+    `downsample` (conv, BatchNorm) where the shape changes."""
+
+    def __init__(self, cin: int, width: int, stride: int, frozen: bool) -> None:
         super().__init__()
-        self.body = Body()
+        self.conv1, self.bn1 = _conv(cin, width, 1), _norm(width, frozen)
+        self.conv2, self.bn2 = _conv(width, width, 3, stride), _norm(width, frozen)
+        self.conv3, self.bn3 = _conv(width, width * 4, 1), _norm(width * 4, frozen)
+        self.relu = nn.ReLU()
+        self.has_downsample = stride != 1 or cin != width * 4
+        if self.has_downsample:
+            self.downsample = nn.SequentialCell([_conv(cin, width * 4, 1, stride), _norm(width * 4, frozen)])
+
+    def construct(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = self.downsample(x) if self.has_downsample else x
+        return self.relu(out + identity)
+
+
+class ResNet50Body(nn.Cell):
+    """torchvision's resnet50 trunk (conv1, bn1, maxpool, layer1..layer4), returning layer1..layer4 (strides
+    4 to 32). `frozen`: torchvision's FrozenBatchNorm2d (fixed statistics and affine, nothing trained)."""
+
+    def __init__(self, frozen: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, pad_mode="pad", padding=3, has_bias=False,
+                               weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
+        self.bn1 = _norm(64, frozen)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
+        layers, cin = [], 64
+        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            cells = []
+            for i in range(blocks):
+                cells.append(Bottleneck(cin, width, stride if i == 0 else 1, frozen))
+                cin = width * 4
+            layers.append(nn.SequentialCell(cells))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.out_channels = (256, 512, 1024, 2048)
+
+    def construct(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        return c2, c3, c4, self.layer4(c4)
+
+
+def _norm(channels: int, frozen: bool) -> nn.BatchNorm2d:
+    """BatchNorm2d as torchvision's (eps 1e-5, momentum 0.1); `frozen`: FrozenBatchNorm2d's behaviour
+    (the moving statistics always, gamma and beta not trained)."""
+    norm = nn.BatchNorm2d(channels, eps=1e-5, momentum=0.9, use_batch_statistics=False if frozen else None)
+    if frozen:
+        norm.gamma.requires_grad = False
+        norm.beta.requires_grad = False
+    return norm
+
+
+class Backbone(nn.Cell):
+    def __init__(self, name: str, channels: int, trainable_bn: bool) -> None:
+        super().__init__()
+        self.body = Body() if name == "tiny" else ResNet50Body(frozen=not trainable_bn)
         self.fpn = FPN(self.body.out_channels, channels)
 
     def construct(self, x):
@@ -225,18 +293,21 @@ class FasterRCNN(nn.Cell):
 
     def __init__(self, cfg: ModelConfig, num_classes: int, image_size: tuple[int, int], max_boxes: int = 16) -> None:
         super().__init__()
-        if cfg.name != "tiny":
-            raise ValueError(f"the MindSpore backend builds model.name=tiny only, not {cfg.name!r}")
+        if cfg.name not in MODEL_NAMES:
+            raise ValueError(f"the MindSpore backend builds model.name={' or '.join(MODEL_NAMES)}, not {cfg.name!r}")
         self.image_size, self.max_boxes = tuple(image_size), int(max_boxes)
         self.classes = num_classes + 1
-        self.backbone = Backbone(cfg.fpn_channels)
-        self.rpn = RPN(cfg.fpn_channels)
-        self.roi_heads = ROIHeads(cfg.fpn_channels, cfg.representation_size, self.classes)
+        # tiny's widths are settings; resnet50_fpn is torchvision's (FPN 256 wide, a 1024-wide box head)
+        channels, width = (cfg.fpn_channels, cfg.representation_size) if cfg.name == "tiny" else (256, 1024)
+        anchor_sizes = TINY_ANCHOR_SIZES if cfg.name == "tiny" else RESNET_ANCHOR_SIZES
+        self.backbone = Backbone(cfg.name, channels, cfg.trainable_bn)
+        self.rpn = RPN(channels)
+        self.roi_heads = ROIHeads(channels, width, self.classes)
         h, w = self.image_size
         feature_sizes = [_stride_size(h, w, s) for s in (4, 8, 16, 32)]
         feature_sizes.append(((feature_sizes[-1][0] + 1) // 2, (feature_sizes[-1][1] + 1) // 2))
         self.feature_sizes = feature_sizes
-        anchors = B.grid_anchors(self.image_size, feature_sizes, TINY_ANCHOR_SIZES, (ASPECT_RATIOS,) * 5)
+        anchors = B.grid_anchors(self.image_size, feature_sizes, anchor_sizes, (ASPECT_RATIOS,) * 5)
         self.anchors = Tensor(anchors)
         counts = [fh * fw * len(ASPECT_RATIOS) for fh, fw in feature_sizes]
         self.level_starts = tuple(int(v) for v in np.cumsum([0] + counts[:-1]))
