@@ -1,4 +1,4 @@
-"""The MindSpore backend of the run (`nanguard.run.backend.Backend`): the static-shape `tiny` Faster
+"""The MindSpore backend of the run (`nanguard.run.backend.Backend`): the static-shape Faster
 R-CNN (`model.py`), trained by `GuardedTrainStep` (the guard inside the compiled step), the policy carried
 out by the framework-free `PolicyDriver`, checkpoints in MindSpore's .ckpt format.
 
@@ -65,7 +65,7 @@ class MindSporeBackend:
         if cfg.model.name not in ("tiny", "resnet50_fpn"):
             refused.append(f"model.name={cfg.model.name} (tiny and resnet50_fpn are built for MindSpore)")
         if cfg.model.weights:
-            refused.append("model.weights (convert a PyTorch tiny with nanguard.backends.mindspore.convert)")
+            refused.append("model.weights (convert a PyTorch model with nanguard.backends.mindspore.convert)")
         if cfg.train.amp != "off":
             refused.append(f"train.amp={cfg.train.amp} (MindSpore runs float32 here)")
         if Ranks.from_env().distributed:

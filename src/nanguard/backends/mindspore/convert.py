@@ -1,12 +1,12 @@
-"""Weights between the PyTorch and MindSpore `tiny` Faster R-CNN, by renaming (numpy arrays both ways;
-imports neither framework's model).
+"""Weights between the PyTorch and MindSpore Faster R-CNN (`tiny`, `resnet50_fpn`), by renaming (numpy
+arrays both ways; imports neither framework's model).
 
     arrays = torch_to_mindspore({k: v.numpy() for k, v in torch_model.state_dict().items()})
     load_arrays(ms_model, arrays)
     state = mindspore_to_torch(mindspore_arrays(ms_model))   # torch.from_numpy each, then load_state_dict
 
 The two models share their module paths (`nanguard.backends.mindspore.model` mirrors torchvision's), except
-that the MindSpore body keeps its blocks in a `layers` list and BatchNorm names its tensors gamma, beta,
+that the MindSpore `tiny` body keeps its blocks in a `layers` list and BatchNorm names its tensors gamma, beta,
 moving_mean and moving_variance. torch's `num_batches_tracked` has no MindSpore counterpart (BatchNorm's
 momentum is fixed, so nothing reads it): it is dropped one way and set to 0 the other.
 """
