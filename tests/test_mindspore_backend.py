@@ -116,6 +116,8 @@ def test_unguarded_the_nan_goes_into_the_weights_as_in_a_plain_loop(shapes, tmp_
     assert final["status"] == "completed" and final["skipped_steps"] == 0 and not final["weights_finite"]
     assert lines(run / "incidents.jsonl") == []
     assert [r["step"] for r in lines(run / "metrics.jsonl")] == [0, 2, 3]
+    done = nanguard("eval", str(run))  # its checkpoint has the guarded run's layout
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_resnet50_fpn_trains_skips_a_nan_image_and_evaluates(shapes, tmp_path):

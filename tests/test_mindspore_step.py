@@ -119,6 +119,7 @@ def test_checks_false_is_the_plain_step_it_reports_but_never_stops_a_nan(mode):
     guarded_net, guarded_opt, guarded = build("momentum", GuardConfig(clip_norm=1.0))
     net, opt, plain = build("momentum", GuardConfig(clip_norm=1.0), checks=False)
     assert len(plain.shadow) == 0
+    assert sorted(plain._state_parameters()) == sorted(guarded._state_parameters())  # one checkpoint layout
     rng = np.random.default_rng(0)
     healthy = batch(rng)
     (ga, gv), (pa, pv) = guarded(*healthy), plain(*healthy)

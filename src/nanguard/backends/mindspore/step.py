@@ -163,9 +163,12 @@ class GuardedTrainStep(nn.Cell):
         self.scaled = _ScaledTotal(network)
         self.grad_fn = ops.value_and_grad(self.scaled, None, self.weights, has_aux=True)
         self.checks = bool(checks)
-        self.state = _state_parameters(network, optimizer) if self.checks else []
+        self.state = _state_parameters(network, optimizer)
         self.shadow = ms.ParameterTuple([Parameter(p.value().copy(), name=f"nanguard_shadow.{i}",
-                                                   requires_grad=False) for i, p in enumerate(self.state)])
+                                                   requires_grad=False) for i, p in enumerate(self.state)
+                                         if self.checks])
+        # held by the plain step too: it gives the state Parameters the same names in both (a checkpoint
+        # of an unguarded run loads into a guarded one and into `nanguard eval`)
         self.state = ms.ParameterTuple(self.state)
         in_network = {id(p) for p in network.get_parameters()}
         self.buffers = ms.ParameterTuple([p for p in self.state if not p.requires_grad and id(p) in in_network
