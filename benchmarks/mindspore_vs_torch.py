@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         load_arrays(model, arrays)
         opt = nn.Momentum(model.trainable_params(), learning_rate=cfg.train.lr, momentum=cfg.train.momentum,
                           weight_decay=cfg.train.weight_decay)
-        step = GuardedTrainStep(model, opt, GuardConfig(clip_norm=cfg.guard.clip_norm)) if guarded \
+        # as the run builds it: the weights checked every guard.param_check_every steps (check_weights)
+        step = GuardedTrainStep(model, opt, GuardConfig(clip_norm=cfg.guard.clip_norm),
+                                param_check_every=cfg.guard.param_check_every) if guarded \
             else common.mindspore_plain_step(model, opt, cfg.guard.clip_norm)
         return model, step
 
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             ms.set_context(mode=mode, device_target="CPU")
             noise = Tensor(rng.random((args.batch, model.noise_size())).astype(np.float32))
             out = step(*static[i % len(static)], noise)
+            if isinstance(step, GuardedTrainStep) and i % cfg.guard.param_check_every == 0:
+                out = (out[0], step.check_weights(out[1]))
             last[:] = [out]
         variants[name] = run
 

@@ -87,7 +87,8 @@ def test_stopped_and_resumed_is_bit_identical(straight, shapes, tmp_path):
 def test_each_applicable_inject_kind_is_seen_at_its_step_and_the_run_completes(shapes, tmp_path):
     run = tmp_path / "faults"
     train(run, shapes, "train.steps=14", "train.eval_at_end=false", "policy.snapshot_every=2",
-          "policy.snapshot_healthy=1", "policy.snapshot_confirm=1", "--inject", "loss_nan@1:component=loss_objectness",
+          "policy.snapshot_healthy=1", "policy.snapshot_confirm=1", "guard.param_check_every=1",
+          "--inject", "loss_nan@1:component=loss_objectness",
           "--inject", "grad_nan@3", "--inject", "zero_box@4", "--inject", "lr_spike@6:factor=1000",
           "--inject", "weight_bitflip@10")
     final = json.loads((run / "final.json").read_text())

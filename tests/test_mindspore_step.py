@@ -133,6 +133,39 @@ def test_checks_false_is_the_plain_step_it_reports_but_never_stops_a_nan(mode):
     assert not np.isfinite(state(net, opt)["net.body.0.weight"]).all()
 
 
+def test_param_check_every_moves_the_weight_check_out_of_the_step(mode):
+    """`param_check_every=N`: the step's weight flags read "not checked"; `check_weights(vector)` sets
+    them from the weights after that step's update, and finds a weight corrupted between steps (the
+    same numbers otherwise as the step that checks every time)."""
+    config = GuardConfig(param_abs_max=100.0)
+    _, _, every = build("momentum", config)
+    net, _, grid = build("momentum", config, param_check_every=5)
+    rng = np.random.default_rng(0)
+    healthy = batch(rng)
+    (ea, ev), (ga, gv) = every(*healthy), grid(*healthy)
+    np.testing.assert_array_equal(ga.asnumpy(), ea.asnumpy())
+    reader = StepReader(("mse", "l1"))
+    reader.push(0, ga, gv)
+    [unchecked] = reader.flush()
+    assert unchecked.nonfinite_param is None and unchecked.wild_param is None and unchecked.applied
+    reader.push(0, ga, grid.check_weights(gv))
+    [checked] = reader.flush()
+    assert checked.nonfinite_param is False and checked.wild_param is False
+    np.testing.assert_array_equal(grid.check_weights(gv).asnumpy(), ev.asnumpy())  # the in-step flags
+    weight = net.head.weight.asnumpy().copy()
+    weight[0, 0] = 1e6  # a flipped exponent bit, say
+    net.head.weight.set_data(Tensor(weight))
+    reader.push(1, *grid(*batch(rng)))
+    [missed] = reader.flush()
+    assert missed.wild_param is None and missed.kinds() == []
+    components, vector = grid(*batch(rng))
+    reader.push(2, components, grid.check_weights(vector))
+    [found] = reader.flush()
+    assert found.wild_param and found.kinds() == ["wild_param"]
+    with pytest.raises(ValueError, match="param_check_every"):
+        build("momentum", config, param_check_every=0)
+
+
 def test_graph_mode_and_pynative_train_the_same_numbers():
     runs = {}
     for name in ("graph", "pynative"):

@@ -104,7 +104,7 @@ class MindSporeBackend:
         else:
             optimizer = nn.AdamWeightDecay(groups, learning_rate=self.schedule)
         self.step_cell = GuardedTrainStep(self.model, optimizer, cfg.guard, fault_hooks=len(LOSS_NAMES) if faults else 0,
-                                          checks=cfg.guard.enabled)
+                                          checks=cfg.guard.enabled, param_check_every=cfg.guard.param_check_every)
         self.weights = list(optimizer.parameters)
         self.rng = np.random.default_rng(cfg.seed)  # the samplers' noise
         self.steps_run = 0
@@ -145,6 +145,9 @@ class MindSporeBackend:
         noise = self.rng.random((len(batch.images), self.model.noise_size()), dtype=np.float32)
         components, vector = self.step_cell(Tensor(static.images), Tensor(static.boxes), Tensor(static.labels),
                                             Tensor(static.valid), Tensor(noise))
+        if self.cfg.guard.enabled and self.cfg.guard.param_check_every > 1 and (
+                step % self.cfg.guard.param_check_every == 0 or self.driver.snapshot_due(step)):
+            vector = self.step_cell.check_weights(vector)  # on the grid, and the state a snapshot keeps
         self._after_step(step, active)
         if self.cfg.guard.enabled:
             self.driver.stage(step)
