@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if not name.startswith("mindspore"):
             continue
         mode = ms.GRAPH_MODE if " graph " in name else ms.PYNATIVE_MODE
+        ms.set_context(mode=mode, device_target="CPU")  # GuardedTrainStep's skip_with follows the mode
         model, step = mindspore_step(guarded=name.endswith("guarded"))
 
         def run(i: int, step=step, model=model, mode=mode) -> None:

@@ -74,10 +74,11 @@ def changed(before, after) -> list[str]:
     return sorted(k for k in before if not np.array_equal(before[k], after[k], equal_nan=True))
 
 
+@pytest.mark.parametrize("skip_with", ["branch", "select"])
 @pytest.mark.parametrize("optimizer", ["momentum", "adamw"])
 @pytest.mark.parametrize("fault", ["nan_input", "nan_loss_component"])
-def test_a_skipped_step_leaves_every_parameter_bit_identical(mode, optimizer, fault):
-    net, opt, step = build(optimizer)
+def test_a_skipped_step_leaves_every_parameter_bit_identical(mode, optimizer, fault, skip_with):
+    net, opt, step = build(optimizer, skip_with=skip_with)
     rng = np.random.default_rng(0)
     reader = StepReader(("mse", "size"))
     seen = []
@@ -164,6 +165,25 @@ def test_param_check_every_moves_the_weight_check_out_of_the_step(mode):
     assert found.wild_param and found.kinds() == ["wild_param"]
     with pytest.raises(ValueError, match="param_check_every"):
         build("momentum", config, param_check_every=0)
+
+
+def test_graph_mode_branches_pynative_selects_and_both_train_the_same(mode):
+    """skip_with's default: the graph's own branch in graph mode, select in PyNative (where an `if` on a
+    tensor would wait). Healthy steps give the same numbers and weights either way."""
+    net_a, _, default = build("adamw")
+    net_b, _, other = build("adamw", skip_with="select" if mode == "graph" else "branch")
+    assert default.branch == (mode == "graph") and other.branch != default.branch
+    assert len(default.shadow) < len(other.shadow) if default.branch else len(default.shadow) > len(other.shadow)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        inputs = batch(rng)
+        (ca, va), (cb, vb) = default(*inputs), other(*inputs)
+        np.testing.assert_array_equal(ca.asnumpy(), cb.asnumpy())
+        np.testing.assert_array_equal(va.asnumpy(), vb.asnumpy())
+    for (name, a), (_, b) in zip(net_a.parameters_and_names(), net_b.parameters_and_names()):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=name)
+    with pytest.raises(ValueError, match="skip_with"):
+        build("adamw", skip_with="mask")
 
 
 def test_graph_mode_and_pynative_train_the_same_numbers():

@@ -223,6 +223,11 @@ class Decision:
     ignore_through_step: int | None = None
     ignored: bool = False
 
+    @classmethod
+    def unguarded(cls, step: int) -> Decision:
+        """guard.enabled=false: the step was observed, nothing was decided."""
+        return cls(step=step, action="none", reason="unguarded", lr_factor=1.0)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["quarantine"] = list(self.quarantine)

@@ -19,6 +19,13 @@ from nanguard.errors import UserError
 from nanguard.explain.verdict import ReplayFacts
 from nanguard.guard import FaultPlan, InjectionLog, NullInjectionLog, Observation, Outcome, PolicyState
 
+def unreadable_unguarded(error: BaseException, image_ids: tuple) -> UserError:
+    """What `Backend.skip_batch` raises with guard.enabled=false: a batch that cannot be read ends an
+    unguarded run (as in a plain loop), with the fix."""
+    return UserError(f"image(s) {', '.join(map(str, image_ids))}: cannot be read ({error}); with "
+                     "guard.enabled=false the run stops here: run `nanguard audit` on the split")
+
+
 # config `backend` -> the module whose `create(device: str | None) -> Backend` builds it
 BACKENDS = {"torch": "nanguard.backends.torch.backend", "mindspore": "nanguard.backends.mindspore.backend"}
 

@@ -30,6 +30,7 @@ from nanguard.errors import UserError
 from nanguard.guard import Decision, FaultPlan, Observation, Outcome
 from nanguard.guard.faults import plain_id as _plain
 from nanguard.guard.driver import PolicyDriver
+from nanguard.run.backend import unreadable_unguarded
 from nanguard.run.ranks import Ranks
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
@@ -158,8 +159,7 @@ class MindSporeBackend:
     def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple,
                    annotation_ids: tuple) -> list[Outcome]:
         if not self.cfg.guard.enabled:  # unguarded, a batch that cannot be read ends the run (as torch's)
-            raise UserError(f"image(s) {', '.join(map(str, image_ids))}: cannot be read ({error}); with "
-                            "guard.enabled=false the run stops here: run `nanguard audit` on the split") from None
+            raise unreadable_unguarded(error, image_ids) from None
         message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
         context = dict(image_ids=tuple(image_ids), annotation_ids=tuple(annotation_ids), batch=batch_key)
         return self._advance((self.steps_run, None, None, message[:300], context))
@@ -188,8 +188,7 @@ class MindSporeBackend:
         pending, self._pending = self._pending, None
         if not self.cfg.guard.enabled:
             observation = self._read(pending)
-            return [] if observation is None else [
-                Outcome(observation, Decision(step=observation.step, action="none", reason="unguarded", lr_factor=1.0))]
+            return [] if observation is None else [Outcome(observation, Decision.unguarded(observation.step))]
         return self.driver.decide(self._read(pending))
 
     @property

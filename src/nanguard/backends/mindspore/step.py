@@ -6,18 +6,20 @@
         for observation in reader.push(step_no, components, vector): ...   # the previous step's, read late
 
 `network_with_losses(*inputs)` returns a tuple of scalar loss components; their sum is trained. In one
-cell, with no Python `if` on a tensor (so graph mode compiles it whole and nothing waits for the host):
+cell, compiled whole in graph mode, with nothing that waits for Python:
 
-  save    every Parameter the step may write (weights, BatchNorm moving statistics, the optimizer's
-          moments, its global step) into a shadow copy
+  save    the BatchNorm moving statistics the forward will write (with skip_with="select": every
+          Parameter the step may write: weights, those statistics, the optimizer's moments and step)
+          into a shadow copy
   check   each loss component, every gradient (unscaled), the global gradient norm, the BatchNorm
           statistics this forward wrote, loss and gradient-norm spikes (the rule of
           `nanguard.guard.spikes`, on the device), and after the update the weights themselves (in the
           step, or with `param_check_every=N` by `check_weights` every N steps: see the class)
   apply   clip by the global norm (after the check: a NaN norm would turn every clipped gradient into
-          NaN), the optimizer's update, then every saved Parameter selected back from its shadow where the
-          step is bad: a skipped step leaves weights, moments, BatchNorm statistics and the optimizer's
-          step counter (and so a dynamic learning rate) bit-identical, for any MindSpore optimizer
+          NaN), the optimizer's update unless the step is bad, then every saved Parameter selected back
+          from its shadow where the step is bad: a skipped step leaves weights, moments, BatchNorm
+          statistics and the optimizer's step counter (and so a dynamic learning rate) bit-identical,
+          for any MindSpore optimizer
   send    the loss components and the step's numbers (`nanguard.guard.STEP_FIELDS`) as outputs, so that
           no event is lost in sink mode; the host reads them one step late (`StepReader`)
 
@@ -147,13 +149,22 @@ class GuardedTrainStep(nn.Cell):
                checked, e.g. every N-th (the run does, and before a rollback snapshot). A bad weight is a
                corruption that no skip can undo, found within N steps; the step is ~4 % faster on the
                tiny detector on a CPU (one reduction per weight tensor, every step).
+    skip_with: how a bad step's update is left out. "branch" (the default in graph mode): the graph's
+               own `if` around the optimizer, as `TrainOneStepWithLossScaleCell` does: compiled control
+               flow, no Python; on a CPU the runtime reads the flag where it is. Only the BatchNorm
+               statistics are saved and selected back. "select" (the default in PyNative, where an
+               `if` on a tensor waits for it): the optimizer always runs and every state Parameter is
+               saved before and selected back after, with no control flow at all. The same state
+               either way; "branch" saves copying all state twice a step (~5 % of the tiny
+               detector's step on a CPU). Under a kernel-by-kernel runtime on GPU or Ascend the branch
+               makes the launcher wait for the flag; "select" does not.
 
     Calling it returns (components: float32[C], vector: float64[len(STEP_FIELDS)]).
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, config: GuardConfig | None = None, *,
                  loss_scale: float | None = None, scale_window: int = 2000, fault_hooks: int = 0,
-                 checks: bool = True, param_check_every: int = 1) -> None:
+                 checks: bool = True, param_check_every: int = 1, skip_with: str | None = None) -> None:
         super().__init__(auto_prefix=False)
         if not isinstance(network, nn.Cell) or not isinstance(optimizer, nn.Optimizer):
             raise TypeError("GuardedTrainStep(network, optimizer): a mindspore.nn.Cell returning its loss "
@@ -163,6 +174,10 @@ class GuardedTrainStep(nn.Cell):
                 or param_check_every < 1:
             raise ValueError(f"need loss_scale >= 1 (or None), scale_window >= 1 and param_check_every >= 1, got "
                              f"{loss_scale=} {scale_window=} {param_check_every=}")
+        if skip_with is None:
+            skip_with = "branch" if ms.get_context("mode") == ms.GRAPH_MODE else "select"
+        if skip_with not in ("branch", "select"):
+            raise ValueError(f"skip_with: 'branch' or 'select', got {skip_with!r}")
         config = config or GuardConfig()
         self.network, self.optimizer = network, optimizer
         self.network.set_train()  # as TrainOneStepCell does: BatchNorm uses and updates batch statistics
@@ -175,16 +190,18 @@ class GuardedTrainStep(nn.Cell):
         self.weights_in_step = int(param_check_every) == 1
         # out of the step: its own small graph (auto_prefix=False: the weights keep their names)
         self.weight_check = _WeightCheck(self.weights, self.param_abs_max)
-        self.state = _state_parameters(network, optimizer)
-        self.shadow = ms.ParameterTuple([Parameter(p.value().copy(), name=f"nanguard_shadow.{i}",
-                                                   requires_grad=False) for i, p in enumerate(self.state)
-                                         if self.checks])
         # held by the plain step too: it gives the state Parameters the same names in both (a checkpoint
         # of an unguarded run loads into a guarded one and into `nanguard eval`)
-        self.state = ms.ParameterTuple(self.state)
+        self.state = ms.ParameterTuple(_state_parameters(network, optimizer))
         in_network = {id(p) for p in network.get_parameters()}
         self.buffers = ms.ParameterTuple([p for p in self.state if not p.requires_grad and id(p) in in_network
                                           and p.dtype in (ms.float16, ms.float32, ms.float64, ms.bfloat16)])
+        self.branch = skip_with == "branch"
+        # what a skipped step must put back itself (with the branch, the optimizer never ran)
+        self.saved = self.buffers if self.branch else self.state
+        self.shadow = ms.ParameterTuple([Parameter(p.value().copy(), name=f"nanguard_shadow.{i}",
+                                                   requires_grad=False) for i, p in enumerate(self.saved)
+                                         if self.checks])
         self.loss_spikes = DeviceSpikes("nanguard_loss_spikes", **config.spike_settings())
         self.grad_spikes = DeviceSpikes("nanguard_grad_spikes", **config.spike_settings())
         self.scaling = loss_scale is not None
@@ -206,7 +223,7 @@ class GuardedTrainStep(nn.Cell):
     def construct(self, *inputs: Any) -> tuple[Tensor, Tensor]:
         if not self.checks:  # a setting, not a tensor: decided when the cell is built
             return self._plain(*inputs)
-        saved = self.hyper_map(ops.assign, self.shadow, self.state)
+        saved = self.hyper_map(ops.assign, self.shadow, self.saved)
         scale = ops.depend(self.scale.value(), saved)
         poison = self.loss_poison.value() if self.fault_hooks else self.one
         (_, components), grads = self.grad_fn(scale, poison, *inputs)
@@ -231,10 +248,13 @@ class GuardedTrainStep(nn.Cell):
         incident = ops.logical_or(ops.logical_or(nonfinite_loss, nonfinite_grad),
                                   ops.logical_or(nonfinite_buffer, ops.logical_or(loss_spike, grad_spike)))
         skip = ops.logical_or(incident, scale_overflow)
-        grads = self._clip(grads, grad_norm)  # a skipped step's coefficient does not matter: it is put back
+        grads = self._clip(grads, grad_norm)  # a skipped step's coefficient does not matter
         lr = self._lr()
-        updated = self.optimizer(grads)
-        kept = self.hyper_map(ops.partial(_keep_unless, ops.depend(skip, updated)), self.state, self.shadow)
+        if self.branch:  # a setting, not a tensor: which of the two graphs is built
+            updated = self._update_unless(skip, grads)
+        else:
+            updated = self.optimizer(grads)  # put back below where the step is bad
+        kept = self.hyper_map(ops.partial(_keep_unless, ops.depend(skip, updated)), self.saved, self.shadow)
         nan = self.nan
         nonfinite_param, wild_param = nan, nan  # "not checked"
         if self.weights_in_step:  # a setting, not a tensor
@@ -254,6 +274,14 @@ class GuardedTrainStep(nn.Cell):
         they are now: after that step's update. For `param_check_every` > 1; runs on the device, no
         wait for the host."""
         return self.weight_check(vector)
+
+    def _update_unless(self, skip: Tensor, grads: tuple) -> Tensor:
+        """The optimizer's update in the graph's own branch: compiled control flow, taken only when
+        `skip` is False (graph mode; in PyNative this `if` would wait for the device)."""
+        applied = ops.logical_not(skip)
+        if applied:
+            applied = ops.depend(applied, self.optimizer(grads))
+        return applied
 
     def _plain(self, *inputs: Any) -> tuple[Tensor, Tensor]:
         poison = self.loss_poison.value() if self.fault_hooks else self.one

@@ -23,6 +23,7 @@ from nanguard.data.coco import CocoIndex
 from nanguard.data.loader import Batch
 from nanguard.errors import UserError
 from nanguard.guard import FaultPlan, Outcome
+from nanguard.run.backend import unreadable_unguarded
 from nanguard.run.ranks import Ranks
 
 
@@ -137,8 +138,7 @@ class TorchBackend:
     def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple,
                    annotation_ids: tuple) -> list[Outcome]:
         if isinstance(self.stepper, PlainStep):  # unguarded, a batch that cannot be read ends the run
-            raise UserError(f"image(s) {', '.join(map(str, image_ids))}: cannot be read ({error}); with "
-                            "guard.enabled=false the run stops here: run `nanguard audit` on the split") from None
+            raise unreadable_unguarded(error, image_ids) from None
         return self.stepper.skip_batch(error, image_ids=image_ids, annotation_ids=annotation_ids, batch=batch_key)
 
     def flush(self) -> list[Outcome]:

@@ -184,7 +184,7 @@ class PlainStep:
         values["applied"] = torch.ones((), device=self.device)
         self.mailbox.post(step, pack(backward.components, values), backward.names, context)
         obs = self.mailbox.read(self.mailbox.take())
-        return [Outcome(obs, Decision(step=obs.step, action="none", reason="unguarded", lr_factor=1.0))]
+        return [Outcome(obs, Decision.unguarded(obs.step))]
 
     def state_dict(self) -> dict:
         return {"steps_run": self.steps_run}
