@@ -19,6 +19,7 @@ from nanguard.errors import UserError
 from nanguard.explain.verdict import ReplayFacts
 from nanguard.guard import FaultPlan, InjectionLog, NullInjectionLog, Observation, Outcome, PolicyState
 
+
 def unreadable_unguarded(error: BaseException, image_ids: tuple) -> UserError:
     """What `Backend.skip_batch` raises with guard.enabled=false: a batch that cannot be read ends an
     unguarded run (as in a plain loop), with the fix."""
