@@ -39,6 +39,11 @@ class PolicyDriver:
     def snapshot_due(self, step: int) -> bool:
         return step > 0 and step % self.config.snapshot_every == 0
 
+    def weights_check_due(self, step: int, every: int) -> bool:
+        """Are the weights checked after step `step`'s update? On the guard.param_check_every grid, and
+        wherever a snapshot keeps the state (a rollback must never restore a corrupted copy)."""
+        return step % every == 0 or self.snapshot_due(step)
+
     def stage(self, step: int) -> None:
         """After step `step`'s update: keep a copy of the state if a snapshot is due (a host copy every
         policy.snapshot_every steps, not every step)."""

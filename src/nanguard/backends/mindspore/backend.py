@@ -146,8 +146,8 @@ class MindSporeBackend:
         noise = self.rng.random((len(batch.images), self.model.noise_size()), dtype=np.float32)
         components, vector = self.step_cell(Tensor(static.images), Tensor(static.boxes), Tensor(static.labels),
                                             Tensor(static.valid), Tensor(noise))
-        if self.cfg.guard.enabled and self.cfg.guard.param_check_every > 1 and (
-                step % self.cfg.guard.param_check_every == 0 or self.driver.snapshot_due(step)):
+        if self.cfg.guard.enabled and self.cfg.guard.param_check_every > 1 and \
+                self.driver.weights_check_due(step, self.cfg.guard.param_check_every):
             vector = self.step_cell.check_weights(vector)  # on the grid, and the state a snapshot keeps
         self._after_step(step, active)
         if self.cfg.guard.enabled:

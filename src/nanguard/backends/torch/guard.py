@@ -302,7 +302,7 @@ class Guard:
         values.update(lr=lr, applied=~skip)
         if self.scaler.enabled:
             values["loss_scale"] = self.scaler.update_unless(checks["incident"])
-        if step % self.config.param_check_every == 0 or self.driver.snapshot_due(step):
+        if self.driver.weights_check_due(step, self.config.param_check_every):
             peak = torch.stack(torch._foreach_norm([p.detach() for p in self.params], math.inf)).max()
             values.update(nonfinite_param=~torch.isfinite(peak), wild_param=peak > self.config.param_abs_max)
         return values
