@@ -171,7 +171,7 @@ def test_corruption_and_systemic_streaks_do_not_implicate_images():
 
 def test_scale_overflow_alone_is_not_an_incident():
     obs = Observation(step=0, scale_overflow=True, applied=False, loss_scale=32768.0)
-    assert not obs.bad and obs.kinds(1.0) == []
+    assert not obs.bad() and obs.kinds(1.0) == []
     decision, state = decide(PolicyState(), obs)
     assert decision.action == "none" and state.consecutive_bad == 0
 

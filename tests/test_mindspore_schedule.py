@@ -1,5 +1,6 @@
-"""The MindSpore LR schedule equals the PyTorch backend's at every applied-update count, and a skipped
-step does not advance it (the optimizer's global_step is put back)."""
+"""The MindSpore LR schedule is the shared formula (`nanguard.guard.schedule`) at every applied-update
+count, as the PyTorch backend's is, and a skipped step does not advance it (the optimizer's global_step
+is put back)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from nanguard.backends.mindspore import GuardedTrainStep  # noqa: E402
 from nanguard.backends.mindspore.schedule import LRSchedule  # noqa: E402
 from nanguard.backends.torch.devicestate import LRSchedule as TorchLRSchedule  # noqa: E402
 from nanguard.config import TrainConfig  # noqa: E402
+from nanguard.guard.schedule import multiplier  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["cosine", "step", "constant"])
@@ -33,7 +35,13 @@ def test_the_schedule_equals_the_torch_backends(kind, warmup):
 def _torch_lr(cfg, s):
     schedule = TorchLRSchedule(cfg)
     schedule.applied.fill_(s)
-    return float(schedule.lr())
+    lr = float(schedule.lr())
+    assert lr == pytest.approx(cfg.lr * _formula(cfg, s), rel=1e-6)
+    return lr
+
+
+def _formula(cfg, s):
+    return multiplier(s, steps=cfg.steps, warmup=cfg.warmup_steps, kind=cfg.schedule, min_ratio=cfg.min_lr_ratio)
 
 
 class Net(nn.Cell):

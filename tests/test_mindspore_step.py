@@ -294,9 +294,8 @@ def test_a_single_loss_tensor_is_one_component_and_names_are_checked():
     [observation] = reader.flush()
     assert list(observation.losses) == ["loss_0"] and observation.applied
     wrong = StepReader(("a", "b"))
-    wrong.push(1, *step(x))
-    with pytest.raises(ValueError, match="names 2 loss components"):
-        wrong.flush()
+    with pytest.raises(ValueError, match="names 2 loss components"):  # at once, not one step late
+        wrong.push(1, *step(x))
     with pytest.raises(TypeError, match="mindspore.nn.Optimizer"):
         GuardedTrainStep(net, "sgd")
     with pytest.raises(ValueError, match="loss_scale"):

@@ -20,7 +20,7 @@ from nanguard.config import Config
 from nanguard.data.loader import Batch
 from nanguard.explain.verdict import Diagnosis, judge
 from nanguard.fileio import atomic_write_json, json_safe
-from nanguard.guard import NOTE_KINDS, Observation, read_incidents
+from nanguard.guard import Observation, is_bad, read_incidents
 
 INCIDENTS_DIR = "incidents"
 
@@ -71,7 +71,7 @@ class Explainer:
         step = int(record["step"])
         folder = incident_dir(self.run_dir, step)
         batch = next((b for s, b in self.ring if s == step), None)
-        bad = any(kind not in NOTE_KINDS for kind in record.get("kinds") or [])
+        bad = is_bad(record.get("kinds") or [])
         written = False
         if bad and batch is not None and self.kept < self.cfg.explain.keep:
             written = self.backend.write_replay(step, batch, folder / f"replay{self.backend.checkpoint_suffix}",

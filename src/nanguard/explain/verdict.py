@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nanguard.guard.observation import FASTER_RCNN, NOTE_KINDS
+from nanguard.guard.observation import FASTER_RCNN, is_bad
 
 VERDICTS: tuple[str, ...] = ("bad_annotation", "bad_image", "lr_divergence", "fp16_overflow",
                              "corrupted_weights", "transient", "numerical_op", "unknown")
@@ -127,7 +127,7 @@ def judge(record: dict[str, Any], facts: ReplayFacts | None, *, lr: float | None
     """The verdict on one incident (`record`: its incidents.jsonl line) from the replay's `facts`
     (None: nothing was kept to replay). `lr`: the configured train.lr, for the advice."""
     kinds = list(record.get("kinds") or [])
-    if kinds and all(kind in NOTE_KINDS for kind in kinds):
+    if kinds and not is_bad(kinds):
         return _invalid_targets(record)
     if "model_error" in kinds and facts is None:
         return _model_error(record)

@@ -23,6 +23,7 @@ from nanguard.guard.observation import (
     NOTE_KINDS,
     STEP_FIELDS,
     Observation,
+    is_bad,
 )
 from nanguard.guard.policy import (
     ACTIONS,
@@ -63,6 +64,7 @@ __all__ = [
     "decide",
     "explain",
     "incident_record",
+    "is_bad",
     "lower_median",
     "parse_fault",
     "read_incidents",

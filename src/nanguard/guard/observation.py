@@ -62,6 +62,11 @@ NOTE_KINDS: frozenset[str] = frozenset({"invalid_target"})
 # flipped bit in a weight), so skipping cannot help; only a rollback can.
 CORRUPTION_KINDS: frozenset[str] = frozenset({"nonfinite_param", "wild_param", "rank_divergence"})
 
+
+def is_bad(kinds) -> bool:
+    """The one bad-step rule: a step is bad when one of its incident kinds is more than a note."""
+    return any(kind not in NOTE_KINDS for kind in kinds)
+
 # Kinds that point at the batch: the images in it are implicated (and counted for quarantine).
 # nonfinite_buffer is one of them: it is the BatchNorm statistics this batch's forward pass wrote, and
 # the backend puts them back with the rest of the step. A buffer corrupted for good makes every later
@@ -162,11 +167,10 @@ class Observation:
         }
         return [kind for kind in INCIDENT_KINDS if found[kind]]
 
-    @property
-    def bad(self) -> bool:
-        """Any incident flag that makes this a bad step (not a mere note such as invalid_target). Does
-        not judge `loss_scale_floor` (that needs the policy's bound)."""
-        return any(kind not in NOTE_KINDS for kind in self.kinds())
+    def bad(self, min_loss_scale: float | None = None) -> bool:
+        """Any incident flag that makes this a bad step (not a mere note such as invalid_target);
+        `loss_scale_floor` is judged only with the policy's `min_loss_scale`."""
+        return is_bad(self.kinds(min_loss_scale))
 
     @property
     def params_checked(self) -> bool:

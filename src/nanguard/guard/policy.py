@@ -47,7 +47,7 @@ from typing import Any
 
 from nanguard.errors import UserError
 from nanguard.fileio import json_safe
-from nanguard.guard.observation import CORRUPTION_KINDS, DATA_KINDS, NOTE_KINDS, PROFILES, Observation
+from nanguard.guard.observation import CORRUPTION_KINDS, DATA_KINDS, PROFILES, Observation, is_bad
 
 # Weakest first: a decision's action is the strongest thing it asks for; its other fields
 # (lr_factor, quarantine, confirm_snapshot) must be applied whatever the action.
@@ -228,6 +228,12 @@ class Decision:
         """guard.enabled=false: the step was observed, nothing was decided."""
         return cls(step=step, action="none", reason="unguarded", lr_factor=1.0)
 
+    @property
+    def bad(self) -> bool:
+        """Is the step this decision is about a bad one (or ignored, run on a state thrown away)? A
+        checkpoint waiting for confirmation is dropped by such a step."""
+        return self.ignored or is_bad(self.kinds)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["quarantine"] = list(self.quarantine)
@@ -257,7 +263,7 @@ def decide(state: PolicyState, obs: Observation,
         return Decision(step=obs.step, action="none", reason=reason, lr_factor=state.lr_factor,
                         ignored=True), state
     kinds = obs.kinds(config.min_loss_scale)
-    if all(kind in NOTE_KINDS for kind in kinds):
+    if not is_bad(kinds):
         decision, state = _healthy(state, obs, config)
         if kinds:  # a note (dropped target boxes): logged as an incident, the step was applied
             decision = replace(decision, kinds=tuple(kinds),

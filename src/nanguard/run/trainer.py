@@ -30,7 +30,6 @@ from nanguard.errors import UserError
 from nanguard.fileio import json_safe
 from nanguard.explain.diagnose import Explainer
 from nanguard.guard import (
-    NOTE_KINDS,
     FaultPlan,
     IncidentLog,
     InjectionLog,
@@ -278,8 +277,7 @@ class PendingCheckpoints:
             self.waiting.append([steps_done, state, 0])
 
     def observe(self, outcome: Outcome) -> None:
-        step, decision = outcome.observation.step, outcome.decision
-        bad = decision.ignored or any(kind not in NOTE_KINDS for kind in decision.kinds)
+        step, bad = outcome.observation.step, outcome.decision.bad
         for entry in list(self.waiting):
             if step < entry[0]:
                 continue

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,10 @@ from nanguard.data.coco import CocoIndex
 from nanguard.data.loader import Batch, load_image
 from nanguard.data.targets import drop_invalid_targets
 from nanguard.errors import UserError
-from nanguard.guard import Decision, FaultPlan, Observation, Outcome
+from nanguard.guard import Decision, FaultPlan, Outcome
 from nanguard.guard.faults import plain_id as _plain
 from nanguard.guard.driver import PolicyDriver
+from nanguard.guard.host import Mailbox, StepContext
 from nanguard.run.backend import unreadable_unguarded
 from nanguard.run.ranks import Ranks
 
@@ -109,7 +109,7 @@ class MindSporeBackend:
         self.weights = list(optimizer.parameters)
         self.rng = np.random.default_rng(cfg.seed)  # the samplers' noise
         self.steps_run = 0
-        self._pending: tuple | None = None
+        self.mailbox = Mailbox()
         self.driver = PolicyDriver(cfg.policy, None, capture=self._capture, restore=self._restore)
 
     def setup_model(self, cfg: Config, num_classes: int, state: dict[str, Any]) -> None:
@@ -132,6 +132,7 @@ class MindSporeBackend:
         from mindspore import Tensor
 
         from nanguard.backends.mindspore.batch import to_static
+        from nanguard.backends.mindspore.step import send
 
         step = self.steps_run
         active = self.faults.faults_at(step) if self.faults else []
@@ -152,44 +153,30 @@ class MindSporeBackend:
         self._after_step(step, active)
         if self.cfg.guard.enabled:
             self.driver.stage(step)
-        context = dict(image_ids=batch.image_ids, annotation_ids=batch.annotation_ids,
-                       batch=(batch.key.epoch, batch.key.position), invalid_targets=invalid)
-        return self._advance((step, components, vector, None, context))
+        context = StepContext(batch.image_ids, batch.annotation_ids, (batch.key.epoch, batch.key.position), invalid)
+        return self._advance(self.mailbox.post(step, LOSS_NAMES, send(components, vector), context))
 
     def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple,
                    annotation_ids: tuple) -> list[Outcome]:
         if not self.cfg.guard.enabled:  # unguarded, a batch that cannot be read ends the run (as torch's)
             raise unreadable_unguarded(error, image_ids) from None
-        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
-        context = dict(image_ids=tuple(image_ids), annotation_ids=tuple(annotation_ids), batch=batch_key)
-        return self._advance((self.steps_run, None, None, message[:300], context))
+        context = StepContext(tuple(image_ids), tuple(annotation_ids), batch_key)
+        return self._advance(self.mailbox.post_error(self.steps_run, error, context))
 
-    def _advance(self, posted: tuple) -> list[Outcome]:
-        previous, self._pending = self._pending, posted
+    def _advance(self, previous) -> list[Outcome]:
         self.steps_run += 1
         if not self.cfg.guard.enabled:  # unguarded: the numbers are read every train.log_every steps only
             due = (self.steps_run - 1) % max(1, self.cfg.train.log_every) == 0
             return self.flush() if due else []
-        outcomes = self.driver.decide(self._read(previous))
+        outcomes = self.driver.decide(self.mailbox.read(previous))
         self.schedule.set_factor(self.driver.lr_factor)
         return outcomes
 
-    def _read(self, pending: tuple | None) -> Observation | None:
-        if pending is None:
-            return None
-        step, components, vector, error, context = pending
-        if error is not None:
-            return Observation(step=step, model_error=error, applied=False, lr=math.nan, total_loss=math.nan,
-                               grad_norm=math.nan, **context)
-        values = [float(v) for v in components.asnumpy()] + [float(v) for v in vector.asnumpy()]
-        return Observation.from_vector(step, LOSS_NAMES, values, **context)
-
     def flush(self) -> list[Outcome]:
-        pending, self._pending = self._pending, None
+        observation = self.mailbox.read(self.mailbox.take())
         if not self.cfg.guard.enabled:
-            observation = self._read(pending)
             return [] if observation is None else [Outcome(observation, Decision.unguarded(observation.step))]
-        return self.driver.decide(self._read(pending))
+        return self.driver.decide(observation)
 
     @property
     def stopped(self) -> bool:
@@ -290,7 +277,7 @@ class MindSporeBackend:
         self.rng.bit_generator.state = meta["rng"]
         self.driver.load_state_dict(meta["driver"], self.steps_run)
         self.schedule.set_factor(self.driver.lr_factor)
-        self._pending = None
+        self.mailbox.take()
 
     def rebase(self, steps_done: int, state: dict[str, Any]) -> None:
         self.driver.rebase(steps_done - 1, state["arrays"])

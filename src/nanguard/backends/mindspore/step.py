@@ -32,7 +32,7 @@ skipped without an incident; a guard incident leaves the scale as it was.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import mindspore as ms
@@ -40,6 +40,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from nanguard.guard import STEP_FIELDS, GuardConfig, Observation
+from nanguard.guard.host import Mailbox
 from nanguard.guard.spikes import MAD_TO_STD
 
 _FIELD = {name: i for i, name in enumerate(STEP_FIELDS)}
@@ -391,37 +392,40 @@ def _flag(x: Tensor) -> Tensor:
     return ops.cast(x, ms.float64)
 
 
-@dataclass
+def send(components: Tensor, vector: Tensor) -> Callable[[], list[float]]:
+    """The `Mailbox`'s `read_values` for a `GuardedTrainStep`'s two outputs: called one step late, it
+    waits for them and gives the components, then the step's numbers, as floats."""
+    return lambda: components.asnumpy().reshape(-1).tolist() + vector.asnumpy().tolist()
+
+
 class StepReader:
-    """The host side of a `GuardedTrainStep`: turns a step's outputs into an `Observation`, one step
-    late (reading step s's outputs while step s+1 runs keeps the host from waiting on the device).
+    """The host side of a `GuardedTrainStep` in a user's own loop: a step's outputs become an
+    `Observation` one step late (reading step s's outputs while step s+1 runs keeps the host from
+    waiting on the device): the framework-free `nanguard.guard.host.Mailbox`.
 
         reader = StepReader(("loss_a", "loss_b"))
         for step, inputs in enumerate(batches):
             for observation in reader.push(step, *guarded(*inputs)):
-                if observation.incident: print(observation.kinds)
+                if observation.bad(): print(observation.kinds())
         for observation in reader.flush(): ...
     """
 
-    names: tuple[str, ...] = ()  # the loss components' names, in the network's order (default loss_0, ...)
-    _pending: tuple[int, Tensor, Tensor] | None = None
+    def __init__(self, names: tuple[str, ...] = ()) -> None:
+        self.names = tuple(names)  # the loss components' names, in the network's order (default loss_0, ...)
+        self.mailbox = Mailbox()
 
     def push(self, step: int, components: Tensor, vector: Tensor) -> list[Observation]:
         """Keep step `step`'s outputs; return the previous step's observation (if any)."""
-        previous = self.flush()
-        self._pending = (step, components, vector)
-        return previous
+        count = int(np.prod(components.shape))  # the static shape: no wait for the device
+        names = self.names or tuple(f"loss_{i}" for i in range(count))
+        if len(names) != count:
+            raise ValueError(f"StepReader names {len(names)} loss components {names}, the network returned {count}")
+        return self._observations(self.mailbox.post(step, names, send(components, vector)))
 
     def flush(self) -> list[Observation]:
         """The pending step's observation, now (waits for the device)."""
-        if self._pending is None:
-            return []
-        step, components, vector = self._pending
-        self._pending = None
-        components = [float(v) for v in components.asnumpy().reshape(-1)]
-        names = tuple(self.names) or tuple(f"loss_{i}" for i in range(len(components)))
-        if len(names) != len(components):
-            raise ValueError(f"StepReader names {len(names)} loss components {names}, the network returned "
-                             f"{len(components)}")
-        values = components + [float(v) for v in vector.asnumpy()]
-        return [Observation.from_vector(step, names, values)]
+        return self._observations(self.mailbox.take())
+
+    def _observations(self, posted) -> list[Observation]:
+        obs = self.mailbox.read(posted)
+        return [] if obs is None else [obs]

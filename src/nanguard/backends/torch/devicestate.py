@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from nanguard.config import TrainConfig
+from nanguard.guard.schedule import multipliers
 from nanguard.guard.spikes import MAD_TO_STD
 
 
@@ -69,36 +70,25 @@ class LRSchedule:
     """Learning rate as a function of the number of *applied* updates, counted on the device.
 
     A masked step does not advance the schedule, and nobody on the host needs to know which steps were
-    masked: `lr()` is a device tensor that fused optimizers read directly.
-    warmup: linear from lr/warmup to lr; then `cosine` (down to lr * min_lr_ratio), `step` (x0.1 at 2/3
-    and 8/9 of the steps, torchvision's 26/29-of-26 style) or `constant`.
+    masked: `lr()` is a device tensor that fused optimizers read directly. The formula is
+    `nanguard.guard.schedule` (the same for every backend): a table on the device, indexed by the count.
     """
 
     def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu") -> None:
-        self.base_lr, self.total = float(cfg.lr), max(1, int(cfg.steps))
-        self.warmup, self.kind, self.min_ratio = int(cfg.warmup_steps), cfg.schedule, float(cfg.min_lr_ratio)
+        self.base_lr = float(cfg.lr)
+        self.table = torch.tensor(multipliers(cfg), dtype=torch.float64, device=device)
         self.applied = torch.zeros((), dtype=torch.float64, device=device)
 
     def lr(self) -> torch.Tensor:
-        s = self.applied
-        factor = torch.ones_like(s)
-        if self.warmup > 0:
-            factor = torch.clamp((s + 1) / self.warmup, max=1.0)
-        if self.kind == "cosine":
-            progress = torch.clamp(s / self.total, 0.0, 1.0)
-            factor = factor * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + torch.cos(math.pi * progress)))
-        elif self.kind == "step":
-            drops = (s >= self.total * 2 / 3).to(s.dtype) + (s >= self.total * 8 / 9).to(s.dtype)
-            factor = factor * torch.pow(0.1, drops)
-        return (self.base_lr * factor).to(torch.float32)
+        index = torch.clamp(self.applied, max=len(self.table) - 1).long().reshape(1)
+        return (self.base_lr * self.table.index_select(0, index).reshape(())).to(torch.float32)
 
     def advance(self, applied: torch.Tensor) -> None:
         """Count one update if `applied` (a 0-dim bool tensor) is true."""
         self.applied.add_(applied.to(self.applied.dtype))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"applied": self.applied.clone(), "base_lr": self.base_lr, "total": self.total,
-                "warmup": self.warmup, "kind": self.kind, "min_ratio": self.min_ratio}
+        return {"applied": self.applied.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.applied.copy_(state["applied"])

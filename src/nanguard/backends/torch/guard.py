@@ -26,7 +26,7 @@ hooks) calls them itself. `update` reads as four parts, none of which makes the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -42,7 +42,6 @@ from nanguard.backends.torch.devicestate import (
     to_host,
 )
 from nanguard.guard import (
-    NOTE_KINDS,
     STEP_FIELDS,
     GuardConfig,
     IncidentLog,
@@ -53,18 +52,7 @@ from nanguard.guard import (
     PolicyState,
 )
 from nanguard.guard.driver import PolicyDriver
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """What the host knows about a step's batch (for the observation and the incident line)."""
-
-    image_ids: tuple = ()
-    annotation_ids: tuple = ()
-    batch: tuple[int, int] | None = None  # (epoch, position)
-    invalid_targets: tuple = ()  # (image id, annotation id, why) of target boxes dropped
-    rank_image_ids: tuple = ()  # distributed: every rank's share of the global batch, rank by rank
-    rank_annotation_ids: tuple = ()
+from nanguard.guard.host import Mailbox, StepContext
 
 
 @dataclass
@@ -76,16 +64,6 @@ class Backward:
     total: torch.Tensor  # 0-dim, detached
 
 
-@dataclass
-class _Pending:
-    step: int
-    host: torch.Tensor | None  # the step vector on the host (None: a host-known model error)
-    event: Any  # torch.cuda.Event or None
-    names: tuple[str, ...]
-    context: StepContext
-    model_error: str | None = None
-
-
 def pack(components: torch.Tensor, values: dict[str, torch.Tensor], rank_flags: torch.Tensor | None = None) -> torch.Tensor:
     """[C + len(STEP_FIELDS) (+ W)] float32: the components, then `STEP_FIELDS` (NaN where not given),
     then, across W ranks, 1.0 for each rank that saw a bad step itself."""
@@ -94,52 +72,24 @@ def pack(components: torch.Tensor, values: dict[str, torch.Tensor], rank_flags: 
     return torch.cat(parts + ([rank_flags.float()] if rank_flags is not None else []))
 
 
-class HostMailbox:
-    """Step vectors go to the host without blocking and are read one step later (a sync only with
-    `flush`, or with a CUDA event the next step has long passed)."""
+def send(vector: torch.Tensor) -> Callable[[], list[float]]:
+    """Start the step vector's copy to the host without blocking; the returned callable (the
+    `Mailbox`'s `read_values`) waits for that copy alone and gives the numbers as floats. On a GPU the
+    copy goes into pinned memory behind a CUDA event: by the time it is read, the next step is queued."""
+    if vector.device.type == "cuda":
+        host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
+        host.copy_(vector, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:
+        host, event = vector.detach().clone(), None
 
-    def __init__(self, rank: int = 0) -> None:
-        self.rank = rank
-        self.pending: _Pending | None = None
+    def read_values() -> list[float]:
+        if event is not None:
+            event.synchronize()  # the step after it is already queued: the device stays busy
+        return host.numpy().tolist()  # sync-ok: a host array already copied; no device op
 
-    def post(self, step: int, vector: torch.Tensor, names: tuple[str, ...], context: StepContext) -> _Pending | None:
-        """Send this step's vector; returns the previous step's (to be read now)."""
-        event = None
-        if vector.device.type == "cuda":  # a non-blocking copy into pinned memory
-            host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
-            host.copy_(vector, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = vector.detach().clone()
-        previous, self.pending = self.pending, _Pending(step, host, event, names, context)
-        return previous
-
-    def post_error(self, step: int, message: str, context: StepContext) -> _Pending | None:
-        previous, self.pending = self.pending, _Pending(step, None, None, (), context, message)
-        return previous
-
-    def take(self) -> _Pending | None:
-        pending, self.pending = self.pending, None
-        return pending
-
-    def read(self, p: _Pending) -> Observation:
-        context = dict(image_ids=p.context.image_ids, annotation_ids=p.context.annotation_ids,
-                       rank=self.rank, batch=p.context.batch, invalid_targets=p.context.invalid_targets)
-        if p.host is None:
-            return Observation(step=p.step, model_error=p.model_error, applied=False, lr=math.nan,
-                               total_loss=math.nan, grad_norm=math.nan, **context)
-        if p.event is not None:
-            p.event.synchronize()  # the step after it is already queued: the device stays busy
-        values = p.host.numpy().tolist()  # sync-ok: a host array already copied; no device op
-        obs = Observation.from_vector(p.step, p.names, values, **context)
-        if len(p.context.rank_image_ids) > 1:
-            # every rank names the same images: those of the ranks that went bad (all, for a spike of the
-            # averaged loss), so that every rank's policy implicates the same ones
-            chosen = obs.bad_ranks or range(len(p.context.rank_image_ids))
-            obs = replace(obs, image_ids=tuple(i for r in chosen for i in p.context.rank_image_ids[r]),
-                          annotation_ids=tuple(a for r in chosen for a in p.context.rank_annotation_ids[r]))
-        return obs
+    return read_values
 
 
 class Guard:
@@ -158,7 +108,7 @@ class Guard:
         self.schedule = schedule
         self.incidents = incident_log or NullIncidentLog()
         self.ranks = ranks  # a distributed run's agreement (None: one process)
-        self.mailbox = HostMailbox(ranks.rank if ranks is not None else rank)
+        self.mailbox = Mailbox(ranks.rank if ranks is not None else rank)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self.params[0].device
         self.fused = all(group.get("fused") for group in optimizer.param_groups)
@@ -223,8 +173,8 @@ class Guard:
         skip = self._agree(checks, backward)
         values = self._apply(skip, checks, step)
         self.driver.stage(step)  # a host copy on the snapshot grid, kept once the steps run with it are healthy
-        self.mailbox.post(step, pack(checks.pop("components"), values, checks.pop("rank_flags", None)),
-                          backward.names, context)
+        self.mailbox.post(step, backward.names,
+                          send(pack(checks.pop("components"), values, checks.pop("rank_flags", None))), context)
         self.steps_run += 1
         return self._decide(previous)
 
@@ -248,9 +198,10 @@ class Guard:
         }
         if self.ranks is not None:  # and as this rank holds them after the all-reduce
             checks["nonfinite_grad_held"] = ~torch.isfinite(grad_norm)
-            # the weights this step ran with, on the check grid and right after a snapshot (which a
-            # divergence must keep from being confirmed)
-            if self.steps_run % self.config.param_check_every == 0 or self.driver.snapshot_due(self.steps_run - 1):
+            # the weights this step ran with: those the previous step's update left, compared where they
+            # were checked (the param_check_every grid and a snapshot, which a divergence must keep from
+            # being confirmed): the one weight-check rule
+            if self.driver.weights_check_due(self.steps_run - 1, self.config.param_check_every):
                 # L1 norms miss a flipped sign bit; the signed sums see it (float64: no cancellation)
                 detached = [p.detach() for p in self.params]
                 l1 = torch.stack(torch._foreach_norm(detached, 1)).double().sum()
@@ -313,9 +264,8 @@ class Guard:
         wrote, drop its gradients, and report a `model_error` incident for the policy."""
         self.optimizer.zero_grad(set_to_none=True)
         torch._foreach_copy_(self.buffers, self._buffer_snapshot)
-        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
         context = StepContext(tuple(image_ids), tuple(annotation_ids), batch)
-        previous = self._read(self.mailbox.post_error(self.steps_run, message[:300], context))
+        previous = self._read(self.mailbox.post_error(self.steps_run, error, context))
         self.steps_run += 1
         return self._decide(previous)
 
@@ -363,7 +313,7 @@ class Guard:
     # ------------------------------------------------------------------------------------------
     # One step late: observation, policy, actions
 
-    def _read(self, pending: _Pending | None) -> Observation | None:
+    def _read(self, pending) -> Observation | None:
         """The observation of a posted step. When `keep_replay_state` wants it (a bad step), the state
         that step ran with is kept on the host for its replay: the live state now, which no later update
         has touched (the bad step's own update was masked), with the BatchNorm statistics as they were
@@ -371,8 +321,8 @@ class Guard:
         if pending is None:
             return None
         obs = self.mailbox.read(pending)
-        bad = any(kind not in NOTE_KINDS for kind in obs.kinds(self.policy_config.min_loss_scale))
-        if self.keep_replay_state is not None and bad and self.keep_replay_state(obs):
+        if self.keep_replay_state is not None and obs.bad(self.policy_config.min_loss_scale) \
+                and self.keep_replay_state(obs):
             state = self._capture()
             names = {id(buf): name for name, buf in self.model.named_buffers()}
             for buf, before in zip(self.buffers, self._buffer_snapshot):

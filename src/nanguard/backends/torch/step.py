@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from nanguard.backends.torch.devicestate import LossScaler, LRSchedule
-from nanguard.backends.torch.guard import Backward, Guard, HostMailbox, Outcome, StepContext, pack
+from nanguard.backends.torch.guard import Backward, Guard, Outcome, pack, send
 from nanguard.data.loader import Batch
 from nanguard.data.targets import drop_invalid_targets
 from nanguard.guard import Decision, PolicyState
+from nanguard.guard.host import Mailbox, StepContext
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -131,7 +132,7 @@ class PlainStep:
         self.clip_norm, self.observe_every = clip_norm, observe_every
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self.params[0].device
-        self.mailbox = HostMailbox(rank)
+        self.mailbox = Mailbox(rank)
         self.policy_state = PolicyState()
         self.steps_run = 0
         self.stopped = False
@@ -182,7 +183,7 @@ class PlainStep:
         step, backward, values, context = self._last
         self._last = None
         values["applied"] = torch.ones((), device=self.device)
-        self.mailbox.post(step, pack(backward.components, values), backward.names, context)
+        self.mailbox.post(step, backward.names, send(pack(backward.components, values)), context)
         obs = self.mailbox.read(self.mailbox.take())
         return [Outcome(obs, Decision.unguarded(obs.step))]
 
