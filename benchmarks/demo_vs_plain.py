@@ -149,10 +149,15 @@ def train_plain(cfg, paths, steps: int, device) -> dict[str, Any]:
 
     val_index, document = validation_data(paths, index.category_ids)
     started = time.perf_counter()
-    from nanguard.backends.torch.evaluate import predict
+    from nanguard.backends.torch.backend import TorchBackend
     from nanguard.evaluation.coco import evaluate_boxes
+    from nanguard.run.evaluate import predict
 
-    metrics, _ = evaluate_boxes(document, predict(model, val_index, batch_size=cfg.eval.batch_size, device=device))
+    backend = TorchBackend(device)
+    backend.model = model  # the plain loop's model, predicted as nanguard's evaluation does
+    detections = predict(backend, val_index, batch_size=cfg.eval.batch_size, min_size=cfg.model.min_size,
+                         max_size=cfg.model.max_size)
+    metrics, _ = evaluate_boxes(document, detections)
     return {"decode_seconds": round(decode_seconds, 3), "train_seconds": round(train_seconds, 3),
             "eval_seconds": round(time.perf_counter() - started, 3), "steps": steps,
             "nonfinite_losses": nonfinite, "mAP50": metrics["mAP50"], "mAP": metrics["mAP"]}

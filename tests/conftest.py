@@ -53,6 +53,30 @@ def newest_checkpoint(run: Path) -> dict:
     from nanguard.backends.torch.checkpoint import load_checkpoint
     from nanguard.run.checkpoints import list_checkpoints
 
-    state = load_checkpoint(list_checkpoints(run)[-1][1])
-    return {**state["backend"], "data": state["data"], "config": state["config"],
-            "category_ids": state["category_ids"], "step": state["run"]["step"]}
+    return flat_checkpoint(load_checkpoint(list_checkpoints(run)[-1][1]))
+
+
+def flat_checkpoint(state: dict) -> dict:
+    """A torch run's checkpoint, flattened for tests: the backend's parts (model, optimizer, schedule,
+    scaler, rng; `guard` holds its device-side spike windows and the policy's state) beside data, config,
+    category_ids and step."""
+    return {**state["backend"], "guard": {**state["backend"]["guard"], **state["guard"]}, "data": state["data"],
+            "config": state["config"], "category_ids": state["category_ids"], "step": state["run"]["step"]}
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    """`nanguard train/eval` in this process build the numpy `FakeBackend` (tests/fake_backend.py)
+    instead of a framework's: run-level behaviour without training a detector. Returns the backends
+    built, in order."""
+    import nanguard.run.backend as backends
+    from fake_backend import FakeBackend
+
+    built: list = []
+
+    def create(name: str, device):
+        built.append(FakeBackend(device))
+        return built[-1]
+
+    monkeypatch.setattr(backends, "create_backend", create)
+    return built

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import flat_checkpoint, tiny_args
 from nanguard.cli import main
 
 TIMING = ("images_per_second", "train_seconds")
@@ -53,9 +53,7 @@ def checkpoints(run: Path) -> list[Path]:
 def load(path: Path) -> dict:
     """A checkpoint, flattened: the backend's parts (model, optimizer, schedule, scaler, guard, rng)
     beside data, config, category_ids and step."""
-    state = torch.load(path, weights_only=True)
-    return {**state["backend"], "data": state["data"], "config": state["config"],
-            "category_ids": state["category_ids"], "step": state["run"]["step"]}
+    return flat_checkpoint(torch.load(path, weights_only=True))
 
 
 def tensors(obj, prefix: str = ""):

@@ -1,13 +1,16 @@
 """`train.tensorboard=true`: the metrics and incidents also go to RUN_DIR/tensorboard, once per step
-across a resume; without the package it is a user error before anything is written."""
+across a resume, written without torch or TensorFlow and read back with TensorBoard's own reader;
+without the package it is a user error before anything is written."""
 
 from __future__ import annotations
 
 import builtins
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import REPO  # noqa: F401
+from conftest import REPO
 
 from nanguard.cli import main as nanguard
 
@@ -54,3 +57,31 @@ def test_asking_for_tensorboard_without_the_package_is_refused_before_anything_i
     assert nanguard(["train", "--quiet", "--out", str(run), f"data.root={shapes}", "train.steps=2", *ARGS]) == 2
     assert "pip install tensorboard" in capsys.readouterr().err
     assert not run.exists()
+
+
+WRITE = """
+import sys
+sys.modules["torch"] = None
+sys.modules["tensorflow"] = None
+from pathlib import Path
+from nanguard.run.tensorboard import TensorBoard
+run, start, stop = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+board = TensorBoard(run, start)
+for step in range(start, stop):
+    board.metrics(step, {"step": step, "total_loss": float(step), "lr": 0.1})
+board.incident(stop - 1, {"kinds": ["nonfinite_loss"], "action": "skip"})
+board.close()
+"""
+
+
+def test_the_event_writer_needs_no_framework_and_a_restart_replaces_the_steps_past_it(tmp_path):
+    for start, stop in ((0, 6), (3, 5)):  # the second process resumes at step 3
+        result = subprocess.run([sys.executable, "-c", WRITE, str(tmp_path), str(start), str(stop)],
+                                capture_output=True, text=True, timeout=120,
+                                env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0, result.stderr
+    events, total = scalars(tmp_path, "loss/total_loss")
+    assert total == [(s, float(s)) for s in range(5)]
+    assert [s.step for s in events.Scalars("train/lr")] == list(range(5))
+    assert [s.step for s in events.Scalars("incidents/bad_step")] == [4]  # the first process's step 5 is purged
+    assert "nonfinite_loss" in events.Tensors("incidents/text_summary")[0].tensor_proto.string_val[0].decode()

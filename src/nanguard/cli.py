@@ -19,7 +19,7 @@ COMMANDS = {
     "audit": "nanguard.audit.command",
     "train": "nanguard.run.train_command",
     "eval": "nanguard.run.eval_command",
-    "diagnose": "nanguard.explain.command",
+    "diagnose": "nanguard.run.diagnose_command",
     "report": "nanguard.report.command",
 }
 

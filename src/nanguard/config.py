@@ -11,18 +11,116 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from nanguard.errors import UserError
-from nanguard.explain.config import ExplainConfig
-from nanguard.guard.config import GuardConfig
-from nanguard.guard.policy import PolicyConfig
+
+
+@dataclass(frozen=True)
+class LossProfile:
+    """What the guard knows of a model's loss components: their names in report order, and which of
+    them regress boxes (non-finite there points at the annotations). Nothing else assumes a detector."""
+
+    name: str
+    components: tuple[str, ...]
+    box_components: tuple[str, ...] = ()
+
+
+# The detection profile: the loss components of a two-stage detector (torchvision's and detectron2's
+# names). Other loops report whatever components they have and take the "generic" profile.
+FASTER_RCNN = LossProfile("faster_rcnn", ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"),
+                          box_components=("loss_rpn_box_reg", "loss_box_reg"))
+PROFILES: dict[str, LossProfile] = {p.name: p for p in (FASTER_RCNN, LossProfile("generic", ()))}
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = True  # false: a plain step (backward, clip, step), as torchvision's reference runs
+    clip_norm: float = 10.0  # 0 disables clipping; the check always runs before the clip
+    param_check_every: int = 10
+    param_abs_max: float = 1.0e4  # a finite weight above this is silent corruption (a flipped exponent bit)
+    spike_window: int = 50
+    spike_min_history: int = 20
+    spike_threshold: float = 10.0  # in robust standard deviations (1.4826 * MAD)
+    spike_min_ratio: float = 3.0  # and at least 3x the median: late in a cosine schedule grad norms sit
+    # so still that 2x their median (harmless: clipping bounds the update) was flagged in clean runs
+    spike_early_history: int = 3  # from this many healthy steps until spike_min_history: ...
+    spike_early_ratio: float = 10.0  # ... a value above this many times the largest so far is a spike
+    # (an LR blow-up in the first steps is caught at once; 0 early_history turns the rule off)
+
+    def spike_settings(self) -> dict[str, float | int]:
+        """The keyword arguments of `SpikeDetector` (and of a backend's device mirror of it)."""
+        return {"window": self.spike_window, "min_history": self.spike_min_history,
+                "threshold": self.spike_threshold, "min_ratio": self.spike_min_ratio,
+                "early_history": self.spike_early_history, "early_ratio": self.spike_early_ratio}
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    backoff_after: int = 3  # bad steps in a row -> LR backoff
+    backoff_factor: float = 0.5
+    min_lr_factor: float = 1.0 / 64
+    recover_steps: int = 100  # good steps to bring the LR factor back to 1.0
+    rollback_after: int = 3  # further bad steps in a row after the backoff -> rollback
+    snapshot_every: int = 50  # host snapshots at steps that are multiples of this
+    snapshot_healthy: int = 10  # a snapshot only after this many healthy steps in a row
+    snapshot_confirm: int = 5  # ... and this many healthy steps run with it, after it
+    keep_snapshots: int = 2  # confirmed snapshots kept (plus the state the run started from)
+    skip_window: int = 200
+    max_skip_fraction: float = 0.25
+    max_rollbacks: int = 3
+    quarantine_after: int = 2  # bad steps implicating an image -> quarantine it
+    min_loss_scale: float = 1.0  # fp16 loss scale below it -> incident loss_scale_floor
+    loss_profile: str = "faster_rcnn"  # what the verdicts know of the loss components (observation.PROFILES)
+
+    def __post_init__(self) -> None:
+        positive_ints = ("backoff_after", "recover_steps", "rollback_after", "snapshot_every",
+                         "snapshot_confirm", "keep_snapshots", "skip_window", "quarantine_after")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"policy.{name} must be an integer >= 1, got {value!r}")
+        for name in ("snapshot_healthy", "max_rollbacks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UserError(f"policy.{name} must be an integer >= 0, got {value!r}")
+        if self.loss_profile not in PROFILES:
+            raise UserError(f"policy.loss_profile={self.loss_profile!r} is unknown; choose one of "
+                            f"{', '.join(PROFILES)}")
+        if not 0.0 < self.backoff_factor < 1.0:
+            raise UserError(f"policy.backoff_factor must be in (0, 1), got {self.backoff_factor!r}")
+        if not 0.0 < self.min_lr_factor <= 1.0:
+            raise UserError(f"policy.min_lr_factor must be in (0, 1], got {self.min_lr_factor!r}")
+        if not 0.0 < self.max_skip_fraction <= 1.0:
+            raise UserError(
+                f"policy.max_skip_fraction must be in (0, 1], got {self.max_skip_fraction!r}")
+        if not (math.isfinite(self.min_loss_scale) and self.min_loss_scale >= 0.0):
+            raise UserError(f"policy.min_loss_scale must be >= 0, got {self.min_loss_scale!r}")
+
+    @property
+    def max_skipped(self) -> int:
+        """Bad steps allowed among the last `skip_window` steps; one more stops the run."""
+        return int(self.max_skip_fraction * self.skip_window)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown policy setting(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(known))}")
+        return cls(**data)
+
 
 
 @dataclass
@@ -81,6 +179,19 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_at_end: bool = True
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+
+@dataclass
+class ExplainConfig:
+    """`explain.*`: when incidents are diagnosed, and what is kept for a replay. Defined here, not in
+    `nanguard.explain.config` (which re-exports it): the config imports no feature package."""
+
+    # first: the first incident of each kind is diagnosed at once, then training goes on; all: every
+    # one; off: none during training (`nanguard diagnose RUN` still can, from what was kept)
+    auto: Literal["first", "all", "off"] = "first"
+    ring: int = 4  # host batches kept, as the model received them (the loader's arrays: no device copy)
+    keep: int = 20  # incidents whose replay data goes to RUN_DIR/incidents/<step>/ (0: none)
+    replays: int = 2  # runs of the step before it is called transient
 
 
 @dataclass

@@ -10,6 +10,8 @@ A 500 MB file decoded into Python dicts costs 3+ GB and 15-25 s, so the decoders
    record, and a bad record becomes a `malformed_*` finding instead of an exit 2.
 The full document (for --fix and for training) is a separate untyped decode, made after the typed one
 is freed; with literals, of the rewritten text, after which the sentinels are put back as NaN / Inf.
+That decode, and the file reading underneath both, is `nanguard.data.cocofile`: training reads its
+annotation files with it too, and data does not import the audit.
 
 A file that is not usable at all (missing, a folder, unreadable, not JSON, truncated, not a COCO
 detection document) raises `UserError` with one line naming the file and the fix.
@@ -17,14 +19,7 @@ detection document) raises `UserError` with one line naming the file and the fix
 
 from __future__ import annotations
 
-import gc
-import json
 import math
-import mmap
-import os
-import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -33,8 +28,10 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from nanguard.audit import literals
-from nanguard.errors import UserError
+from nanguard.data import literals
+# read_document is re-exported for its older importers: the shared reader is data's now
+from nanguard.data.cocofile import check_document, decode_full, gc_paused, mapped, not_json, read_bytes
+from nanguard.data.cocofile import read_document  # noqa: F401
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -122,78 +119,6 @@ class Loaded:
     path: Path
     columns: Columns
     document: dict[str, Any] | None  # the full COCO dict, only when asked for (the --fix writer needs it)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Millions of new containers trigger a cyclic-GC pass every few hundred allocations, each walking
-    everything decoded so far: a full decode takes ~2x as long with the collector on. Decoded JSON holds
-    no cycles, so there is nothing for it to find."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _open(path: Path):
-    try:
-        return path.open("rb")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; pass the path of a COCO annotation file (e.g. instances_train2017.json)") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not a file; pass the COCO annotation .json file inside it") from None
-    except PermissionError:
-        raise UserError(f"{path}: permission denied; make the file readable (chmod +r) or copy it somewhere readable") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror or err}); check the file and the disk") from None
-
-
-def _empty(path: Path) -> UserError:
-    return UserError(f"{path}: the file is empty; re-export the COCO annotations")
-
-
-def read_bytes(path: str | Path) -> bytes:
-    path = Path(path)
-    with _open(path) as handle:
-        try:
-            data = handle.read()
-        except OSError as err:
-            raise UserError(f"{path}: cannot read ({err.strerror or err}); check the file and the disk") from None
-    if not data.strip():
-        raise _empty(path)
-    return data
-
-
-@contextmanager
-def _mapped(path: Path) -> Iterator[mmap.mmap | bytes]:
-    """The file's bytes without copying them out of the page cache (~0.3 s and 500 MB of page faults
-    saved on a 500 MB file); a plain read where mapping is not possible (a pipe, some filesystems)."""
-    with _open(path) as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
-            mapped = None  # a pipe has no size to map; an empty file cannot be mapped
-        else:
-            try:
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):
-                mapped = None
-    if mapped is None:
-        yield read_bytes(path)
-        return
-    try:
-        yield mapped
-    finally:
-        mapped.close()
-
-
-def _not_json(path: Path, err: Exception) -> UserError:
-    text = str(err)
-    if "truncated" in text:
-        return UserError(f"{path}: truncated JSON (the file ends early); re-export or re-download it")
-    return UserError(f"{path}: not valid JSON ({text}); re-export it as a COCO detection file")
 
 
 # -- columns from typed structs (the fast path: types already validated by msgspec) -------------------
@@ -359,49 +284,10 @@ def _columns_from_loose(doc: dict[str, Any], literal_count: int) -> Columns:
     )
 
 
-def _check_document(path: Path, doc: Any) -> dict[str, Any]:
-    if not isinstance(doc, dict):
-        kind = type(doc).__name__ if not isinstance(doc, list) else "list"
-        raise UserError(
-            f"{path}: not a COCO detection file (the top level is a JSON {kind}, expected an object with "
-            f"'images', 'annotations' and 'categories'); pass the instances_*.json file"
-        )
-    missing = [key for key in ("images", "annotations", "categories") if not isinstance(doc.get(key), list)]
-    if missing:
-        raise UserError(
-            f"{path}: not a COCO detection file (no {', '.join(repr(k) for k in missing)} list); "
-            f"pass a COCO instances file with 'images', 'annotations' and 'categories'"
-        )
-    return doc
-
-
-def _decode_loose(path: Path, data: bytes, has_literals: bool) -> Any:
-    if not has_literals:
-        try:
-            return msgspec.json.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            pass  # e.g. 1e999, which Python's json reads as inf: let the stdlib decide
-    try:
-        # The stdlib reads NaN / Infinity natively, so full records keep their real values.
-        return json.loads(data)
-    except RecursionError:
-        raise UserError(f"{path}: JSON nested too deeply to be a COCO file; re-export it") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise _not_json(path, err) from None
-
-
 def load(path: str | Path, *, keep_document: bool = False) -> Loaded:
     """Read `path` into columns; with `keep_document`, also the full COCO dict (slower, more memory)."""
-    with _gc_paused():
+    with gc_paused():
         return _load(Path(path), keep_document)
-
-
-def read_document(path: str | Path) -> dict[str, Any]:
-    """The whole COCO dict (NaN / Infinity literals as floats) without the audit's columns: what training
-    and evaluation read. `UserError` for a file that is missing, unreadable, not JSON or not COCO."""
-    path = Path(path)
-    with _gc_paused():
-        return _check_document(path, _decode_full(path, has_literals=False))
 
 
 def _load(path: Path, keep_document: bool) -> Loaded:
@@ -414,56 +300,21 @@ def _load(path: Path, keep_document: bool) -> Loaded:
         del typed
         if not keep_document:
             return Loaded(path, columns, None)
-        return Loaded(path, columns, _check_document(path, _decode_full(path, count > 0, columns)))
+        rows = (columns.literals_in_columns, columns.literal_image_rows, columns.literal_annotation_rows)
+        return Loaded(path, columns, check_document(path, decode_full(path, count > 0, rows)))
     del typed
     # A record of the wrong type, or not a COCO document at all: the loose path says which.
-    doc = _check_document(path, _decode_full(path, count > 0))
+    doc = check_document(path, decode_full(path, count > 0))
     return Loaded(path, _columns_from_loose(doc, count), doc if keep_document else None)
-
-
-def _decode_full(path: Path, has_literals: bool, columns: Columns | None = None) -> Any:
-    """The whole file as Python objects, NaN / Infinity literals as float NaN / Inf."""
-    if not has_literals:
-        with _mapped(path) as mapped:
-            try:
-                return msgspec.json.decode(mapped)
-            except msgspec.DecodeError:  # e.g. 1e999: the stdlib below reads it as inf
-                pass
-    data = read_bytes(path)
-    if has_literals:
-        # The stdlib reads the literals natively but takes ~3x as long as msgspec on the rewritten text
-        # plus a walk that puts the real values back.
-        try:
-            msgspec.json.decode(data)
-        except msgspec.DecodeError as err:
-            found = literals.literal_positions(data, literals.error_position(err))
-            if found:
-                replaced = literals.replace_literals(data, found)
-                del data
-                try:
-                    doc = msgspec.json.decode(replaced)
-                except msgspec.DecodeError:
-                    data = replaced = None
-                else:
-                    del replaced
-                    if columns is not None and columns.literals_in_columns == len(found):
-                        # Every literal is where the typed decode saw it: restore those records only.
-                        literals.restore_in_records(doc, columns.literal_image_rows, columns.literal_annotation_rows)
-                    else:
-                        literals.restore_in_objects(doc, len(found))
-                    return doc
-        if data is None:
-            data = read_bytes(path)
-    return _decode_loose(path, data, has_literals)
 
 
 def _decode_typed(path: Path) -> tuple[_Document | None, int]:
     """-> (the typed document, or None when a record has the wrong type; number of NaN / Inf literals).
 
     Reads the file itself so that its text dies here: the columns never need it."""
-    with _mapped(path) as mapped:
+    with mapped(path) as view:
         try:
-            return _TYPED_DECODER.decode(mapped), 0
+            return _TYPED_DECODER.decode(view), 0
         except msgspec.ValidationError:  # a DecodeError subclass: caught first
             return None, 0
         except msgspec.DecodeError as err:
@@ -472,7 +323,7 @@ def _decode_typed(path: Path) -> tuple[_Document | None, int]:
     # Everything before the first error is valid JSON without literals: scan only from there.
     found = literals.literal_positions(data, literals.error_position(error))
     if not found:
-        raise _not_json(path, error) from None
+        raise not_json(path, error) from None
     replaced = literals.replace_literals(data, found)
     # Two copies of the text exist while replacing, never during the decode (peak memory).
     del data
@@ -481,4 +332,4 @@ def _decode_typed(path: Path) -> tuple[_Document | None, int]:
     except msgspec.ValidationError:
         return None, len(found)
     except msgspec.DecodeError as err:
-        raise _not_json(path, err) from None
+        raise not_json(path, err) from None

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from nanguard.data.cocofile import read_document
 from nanguard.errors import UserError
 
 
@@ -65,11 +66,9 @@ def escapes_folder(file_name: str) -> bool:
 
 
 def read_coco_json(path: str | Path) -> dict[str, Any]:
-    """Read a COCO detection file with the audit's reader (there is one): NaN / Infinity literals are
-    accepted as floats (the audit reports them); a missing, unreadable, truncated or non-COCO file is a
-    `UserError` naming it."""
-    from nanguard.audit.load import read_document  # lazy: the audit's checks import this module
-
+    """Read a COCO detection file with the reader the audit shares (`nanguard.data.cocofile`): NaN /
+    Infinity literals are accepted as floats (the audit reports them); a missing, unreadable, truncated
+    or non-COCO file is a `UserError` naming it."""
     document = read_document(path)
     check_coco_document(document, path)
     return document

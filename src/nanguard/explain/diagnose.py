@@ -33,7 +33,7 @@ def diagnose(record: dict[str, Any], folder: Path, backend, cfg: Config, *, writ
     """Replay (when the folder holds the backend's replay file) and judge one incident; writes
     diagnosis.json into `folder` (unless `write` is false)."""
     replay_file = folder / f"replay{backend.checkpoint_suffix}"
-    facts = backend.replay(replay_file, cfg) if replay_file.is_file() else None
+    facts = backend.replay(replay_file, cfg) if replay_file.is_file() and hasattr(backend, "replay") else None
     diagnosis = judge(record, facts, lr=cfg.train.lr, param_abs_max=cfg.guard.param_abs_max)
     if not write:
         return diagnosis
@@ -47,8 +47,8 @@ class Explainer:
     """When: the trainer calls `ran(step, batch)` after each step and `explain(record)` for each incident
     line before it is written; `explain` returns the diagnosis to add to the line (or None)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, backend, *, resume: bool = False) -> None:
-        self.cfg, self.run_dir, self.backend = cfg, Path(run_dir), backend
+    def __init__(self, cfg: Config, run_dir: Path, backend, *, faults=None, resume: bool = False) -> None:
+        self.cfg, self.run_dir, self.backend, self.faults = cfg, Path(run_dir), backend, faults
         self.ring: deque[tuple[int, Batch]] = deque(maxlen=max(2, cfg.explain.ring))
         self.kept = 0  # incident folders with replay data written (explain.keep)
         self.diagnosed_kinds: set[str] = set()
@@ -58,10 +58,9 @@ class Explainer:
                     self.diagnosed_kinds.add(record["kind"])
                 replay = incident_dir(self.run_dir, record["step"]) / f"replay{backend.checkpoint_suffix}"
                 self.kept += replay.is_file()
-        backend.keep_replay_state(self._keep if cfg.explain.keep > 0 else None)
 
-    def _keep(self, obs: Observation) -> bool:
-        """When: the backend reads a bad observation. Keep the state it ran with?"""
+    def wants(self, obs: Observation) -> bool:
+        """When: the run reads a bad observation. Keep the state it ran with (explain.keep)?"""
         return self.kept < self.cfg.explain.keep
 
     def ran(self, step: int, batch: Batch) -> None:
@@ -75,7 +74,7 @@ class Explainer:
         written = False
         if bad and batch is not None and self.kept < self.cfg.explain.keep:
             written = self.backend.write_replay(step, batch, folder / f"replay{self.backend.checkpoint_suffix}",
-                                                lr=record.get("lr"))
+                                                lr=record.get("lr"), faults=self.faults)
             self.kept += written
         if written or self._wanted(record):
             folder.mkdir(parents=True, exist_ok=True)

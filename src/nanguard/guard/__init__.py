@@ -24,6 +24,7 @@ from nanguard.guard.observation import (
     STEP_FIELDS,
     Observation,
     is_bad,
+    step_vector,
 )
 from nanguard.guard.policy import (
     ACTIONS,
@@ -69,5 +70,6 @@ __all__ = [
     "parse_fault",
     "read_incidents",
     "read_injections",
+    "step_vector",
     "register_fault_kind",
 ]

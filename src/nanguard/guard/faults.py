@@ -25,7 +25,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -337,3 +337,58 @@ def read_injections(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def plain_id(value):
     """An image id as injections.jsonl records it: ints and strings as they are, anything else as text."""
     return value if isinstance(value, (int, str)) or value is None else str(value)
+
+
+# The kinds the run injects itself, on the host batch and the LR factor; the rest are a backend's
+# (`nanguard.run.backend.Injects`): they act on device tensors.
+HOST_KINDS = frozenset({"zero_box", "lr_spike"})
+
+
+@dataclass
+class StepFaults:
+    """The faults that fire in one step on one rank, for the code that injects them: the choices it
+    makes are `pick`ed (deterministic), each injection is `record`ed in injections.jsonl."""
+
+    plan: FaultPlan
+    step: int
+    specs: list[FaultSpec]
+    log: Any  # InjectionLog | NullInjectionLog
+    rank: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.specs)
+
+    def of(self, *kinds: str) -> list[FaultSpec]:
+        return [spec for spec in self.specs if spec.kind in kinds]
+
+    def pick(self, spec: FaultSpec, n: int, salt: str = "") -> int:
+        return self.plan.pick(spec, self.step, n, salt)
+
+    def record(self, spec: FaultSpec, detail: str | dict[str, Any] = "") -> None:
+        self.log.record(self.step, spec, self.rank, detail)
+
+    def device(self) -> StepFaults:
+        """Only the kinds a backend injects."""
+        return StepFaults(self.plan, self.step, [s for s in self.specs if s.kind not in HOST_KINDS], self.log, self.rank)
+
+
+def inject_host(faults: StepFaults, batch):
+    """The host-side kinds: zero_box gives one target box of the decoded batch x2 = x1 (an annotation
+    gone bad; the batch is copied, never the loader's own arrays); lr_spike multiplies the step's LR.
+    Returns (batch, LR multiplier for this step)."""
+    for spec in faults.of("zero_box"):
+        candidates = [i for i, boxes in enumerate(batch.boxes) if len(boxes)]
+        if not candidates:
+            continue
+        i = candidates[faults.pick(spec, len(candidates), "image")]
+        boxes = list(batch.boxes)
+        boxes[i] = boxes[i].copy()
+        j = faults.pick(spec, len(boxes[i]), "box")
+        boxes[i][j, 2] = boxes[i][j, 0]  # x2 = x1: a zero-width box
+        batch = replace(batch, boxes=boxes)
+        faults.record(spec, {"image_id": plain_id(batch.image_ids[i]), "box": j})
+    factor = 1.0
+    for spec in faults.of("lr_spike"):
+        factor *= float(spec.param("factor"))
+        faults.record(spec, {"lr_factor": factor})
+    return batch, factor

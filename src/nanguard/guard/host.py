@@ -19,7 +19,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from nanguard.guard.config import GuardConfig
+from nanguard.guard.driver import PolicyDriver
 from nanguard.guard.observation import Observation
+from nanguard.guard.policy import Decision, Outcome
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,88 @@ class Mailbox:
             obs = replace(obs, image_ids=tuple(i for r in chosen for i in c.rank_image_ids[r]),
                           annotation_ids=tuple(a for r in chosen for a in c.rank_annotation_ids[r]))
         return obs
+
+
+class GuardHost:
+    """The whole host half of a guard: the `Mailbox`, the `PolicyDriver` carrying out the policy, and
+    the hook that keeps a bad step's state for its replay. One per guarded loop: the run's
+    (`nanguard.run.trainer`) and an own loop's (`nanguard.backends.torch.guard.Guard`). A step reads:
+
+        host.read_previous()          # between the step's backward and its update: step s-1's numbers
+        ... the update of step s (lr factor `host.lr_factor`, weights checked if `host.check_weights(s)`) ...
+        outcomes = host.sent(s, names, read_values, context)   # stage a snapshot, post, decide on s-1
+
+    A step whose batch never reached the update (unreadable, refused by the model) is `host.failed(s,
+    error, context)` instead. `keep(obs)`, when set, is called for each bad observation as it is read,
+    before the next update touches the state: the state that step ran with is still the live one
+    (its own update was masked).
+    """
+
+    def __init__(self, driver: PolicyDriver, config: GuardConfig, *, rank: int = 0) -> None:
+        self.driver, self.config = driver, config
+        self.mailbox = Mailbox(rank)
+        self.keep: Callable[[Observation], None] | None = None
+        self._read: list[Observation] = []
+
+    @property
+    def lr_factor(self) -> float:
+        return self.driver.lr_factor
+
+    @property
+    def stopped(self) -> bool:
+        return self.driver.stopped
+
+    def check_weights(self, step: int) -> bool:
+        """Are the weights checked after step `step`'s update (the one weight-check rule)?"""
+        return self.driver.weights_check_due(step, max(1, int(self.config.param_check_every)))
+
+    def read_previous(self) -> None:
+        """Read the pending step's numbers (once; later calls before the next post do nothing)."""
+        obs = self.mailbox.read(self.mailbox.take())
+        if obs is None:
+            return
+        if self.keep is not None and obs.bad(self.driver.config.min_loss_scale):
+            self.keep(obs)
+        self._read.append(obs)
+
+    def sent(self, step: int, names: tuple[str, ...], read_values: Callable[[], list[float]],
+             context: StepContext = StepContext()) -> list[Outcome]:
+        """Step `step` was applied (or masked) on the device: its numbers are on their way."""
+        self.read_previous()
+        self.driver.stage(step)  # a host copy on the snapshot grid, kept once the steps run with it are healthy
+        self.mailbox.post(step, names, read_values, context)
+        return self._decide()
+
+    def failed(self, step: int, error: BaseException | str, context: StepContext = StepContext()) -> list[Outcome]:
+        """Step `step`'s batch could not be read or the model refused it: a `model_error` observation."""
+        self.read_previous()
+        self.mailbox.post_error(step, error, context)
+        return self._decide()
+
+    def flush(self) -> list[Outcome]:
+        """The pending observation, now (before a checkpoint, at the end: waits for the device)."""
+        self.read_previous()
+        return self._decide()
+
+    def _decide(self) -> list[Outcome]:
+        read, self._read = self._read, []
+        return [outcome for obs in read for outcome in self.driver.decide(obs)]
+
+
+class PlainHost:
+    """The host half of an unguarded step (guard.enabled=false): nothing is decided, and the numbers
+    are read only every `every` steps (0: never) and at `flush`, as a plain loop's logging does (a
+    wait for the device there, none on the other steps)."""
+
+    def __init__(self, every: int, rank: int = 0) -> None:
+        self.every = max(0, int(every))
+        self.mailbox = Mailbox(rank)
+
+    def sent(self, step: int, names: tuple[str, ...], read_values: Callable[[], list[float]],
+             context: StepContext = StepContext()) -> list[Outcome]:
+        self.mailbox.post(step, names, read_values, context)
+        return self.flush() if self.every and step % self.every == 0 else []
+
+    def flush(self) -> list[Outcome]:
+        obs = self.mailbox.read(self.mailbox.take())
+        return [] if obs is None else [Outcome(obs, Decision.unguarded(obs.step))]

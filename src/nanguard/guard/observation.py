@@ -11,21 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-@dataclass(frozen=True)
-class LossProfile:
-    """What the guard knows of a model's loss components: their names in report order, and which of
-    them regress boxes (non-finite there points at the annotations). Nothing else assumes a detector."""
+from nanguard.config import FASTER_RCNN, PROFILES, LossProfile  # noqa: F401 (settings live in the bottom layer)
 
-    name: str
-    components: tuple[str, ...]
-    box_components: tuple[str, ...] = ()
-
-
-# The detection profile: the loss components of a two-stage detector (torchvision's and detectron2's
-# names). Other loops report whatever components they have and take the "generic" profile.
-FASTER_RCNN = LossProfile("faster_rcnn", ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"),
-                          box_components=("loss_rpn_box_reg", "loss_box_reg"))
-PROFILES: dict[str, LossProfile] = {p.name: p for p in (FASTER_RCNN, LossProfile("generic", ()))}
 LOSS_COMPONENTS: tuple[str, ...] = FASTER_RCNN.components
 
 # The numbers of one step that a backend packs, after the loss components, into one small device
@@ -37,6 +24,15 @@ STEP_FIELDS: tuple[str, ...] = (
     "nonfinite_buffer", "loss_spike", "grad_spike", "nonfinite_param", "wild_param", "scale_overflow",
     "applied", "rank_divergence",
 )
+
+
+
+def step_vector(values: dict, missing) -> list:
+    """The step's numbers in `STEP_FIELDS` order, taken by name from `values` (`missing` where a step
+    does not compute one): how every backend packs its vector, and `Observation.from_vector` unpacks it.
+    Plain Python, so that a MindSpore graph compiles it as it is."""
+    return [values.get(name, missing) for name in STEP_FIELDS]
+
 
 # Incident kinds, most severe first: the first kind an observation has is its primary kind.
 # State corruption (the model itself is wrong) comes before a bad step (the update was masked).

@@ -47,7 +47,8 @@ from typing import Any
 
 from nanguard.errors import UserError
 from nanguard.fileio import json_safe
-from nanguard.guard.observation import CORRUPTION_KINDS, DATA_KINDS, PROFILES, Observation, is_bad
+from nanguard.config import PROFILES, PolicyConfig
+from nanguard.guard.observation import CORRUPTION_KINDS, DATA_KINDS, Observation, is_bad
 
 # Weakest first: a decision's action is the strongest thing it asks for; its other fields
 # (lr_factor, quarantine, confirm_snapshot) must be applied whatever the action.
@@ -56,66 +57,6 @@ ACTIONS: tuple[str, ...] = ("none", "skip", "quarantine", "lr_backoff", "rollbac
 # Steps between running a step and reading its observation: every backend copies the step's flags to
 # the host without blocking and reads them while the next step runs.
 OBSERVATION_LAG = 1
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    backoff_after: int = 3  # bad steps in a row -> LR backoff
-    backoff_factor: float = 0.5
-    min_lr_factor: float = 1.0 / 64
-    recover_steps: int = 100  # good steps to bring the LR factor back to 1.0
-    rollback_after: int = 3  # further bad steps in a row after the backoff -> rollback
-    snapshot_every: int = 50  # host snapshots at steps that are multiples of this
-    snapshot_healthy: int = 10  # a snapshot only after this many healthy steps in a row
-    snapshot_confirm: int = 5  # ... and this many healthy steps run with it, after it
-    keep_snapshots: int = 2  # confirmed snapshots kept (plus the state the run started from)
-    skip_window: int = 200
-    max_skip_fraction: float = 0.25
-    max_rollbacks: int = 3
-    quarantine_after: int = 2  # bad steps implicating an image -> quarantine it
-    min_loss_scale: float = 1.0  # fp16 loss scale below it -> incident loss_scale_floor
-    loss_profile: str = "faster_rcnn"  # what the verdicts know of the loss components (observation.PROFILES)
-
-    def __post_init__(self) -> None:
-        positive_ints = ("backoff_after", "recover_steps", "rollback_after", "snapshot_every",
-                         "snapshot_confirm", "keep_snapshots", "skip_window", "quarantine_after")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"policy.{name} must be an integer >= 1, got {value!r}")
-        for name in ("snapshot_healthy", "max_rollbacks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise UserError(f"policy.{name} must be an integer >= 0, got {value!r}")
-        if self.loss_profile not in PROFILES:
-            raise UserError(f"policy.loss_profile={self.loss_profile!r} is unknown; choose one of "
-                            f"{', '.join(PROFILES)}")
-        if not 0.0 < self.backoff_factor < 1.0:
-            raise UserError(f"policy.backoff_factor must be in (0, 1), got {self.backoff_factor!r}")
-        if not 0.0 < self.min_lr_factor <= 1.0:
-            raise UserError(f"policy.min_lr_factor must be in (0, 1], got {self.min_lr_factor!r}")
-        if not 0.0 < self.max_skip_fraction <= 1.0:
-            raise UserError(
-                f"policy.max_skip_fraction must be in (0, 1], got {self.max_skip_fraction!r}")
-        if not (math.isfinite(self.min_loss_scale) and self.min_loss_scale >= 0.0):
-            raise UserError(f"policy.min_loss_scale must be >= 0, got {self.min_loss_scale!r}")
-
-    @property
-    def max_skipped(self) -> int:
-        """Bad steps allowed among the last `skip_window` steps; one more stops the run."""
-        return int(self.max_skip_fraction * self.skip_window)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown policy setting(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(known))}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)

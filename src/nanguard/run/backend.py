@@ -1,116 +1,139 @@
 """The contract between the framework-neutral run (`nanguard.run.trainer`) and a framework.
 
-A backend builds the Faster R-CNN, runs one guarded (or plain) step on a host batch and returns the
-observations the guard read, gives and takes its whole state for a checkpoint, and predicts boxes for
-evaluation. Everything else — the run folder, the data and its audit, the fault plan, metrics,
-incidents, the checkpoint cadence, final.json, evaluation — is the run's, the same for every backend.
+A backend builds the Faster R-CNN, runs one guarded (or plain) step on a host batch and hands back the
+step's device numbers, captures and restores its state, saves and loads a checkpoint file, predicts raw
+boxes, reports its runtime, closes (`Backend`). What only some backends can do is a separate small
+Protocol the run checks for: `Injects` (device-side faults), `Replays` (explain), `Collective` (several
+processes). Everything else — the run folder, the data and its audit, the guard's host half, the fault
+plan, metrics, incidents, the checkpoint cadence, final.json, evaluation — is the run's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
 
 from nanguard.config import Config
-from nanguard.data.coco import CocoIndex
 from nanguard.data.loader import Batch
 from nanguard.errors import UserError
 from nanguard.explain.verdict import ReplayFacts
-from nanguard.guard import FaultPlan, InjectionLog, NullInjectionLog, Observation, Outcome, PolicyState
-
-
-def unreadable_unguarded(error: BaseException, image_ids: tuple) -> UserError:
-    """What `Backend.skip_batch` raises with guard.enabled=false: a batch that cannot be read ends an
-    unguarded run (as in a plain loop), with the fix."""
-    return UserError(f"image(s) {', '.join(map(str, image_ids))}: cannot be read ({error}); with "
-                     "guard.enabled=false the run stops here: run `nanguard audit` on the split")
+from nanguard.guard import FaultPlan
 
 
 # config `backend` -> the module whose `create(device: str | None) -> Backend` builds it
 BACKENDS = {"torch": "nanguard.backends.torch.backend", "mindspore": "nanguard.backends.mindspore.backend"}
 
 
+@dataclass
+class StepNumbers:
+    """What a backend's step hands back: the step's device numbers, on their way to the host."""
+
+    names: tuple[str, ...]  # the loss components, in the order `read_values` gives them
+    read_values: Callable[[], list[float]] | None  # waits for the step's vector (`nanguard.guard.host`)
+    dropped: tuple = ()  # (image id, annotation id, why) of target boxes the backend could not train on
+    error: BaseException | None = None  # the model refused the batch: nothing was updated, all put back
+
+
 class Backend(Protocol):
-    name: str
+    """A backend only computes. Everything else (the one-step-late reading, the policy and its
+    snapshots, faults on the host batch, checkpoint files' names and cadence, COCO conversion) is the
+    run's, the same for every backend."""
+
     checkpoint_suffix: str  # ".pt"
 
     def check_config(self, cfg: Config) -> None:
         """Refuse (UserError) settings this backend cannot train with, before anything is written."""
 
-    def setup(self, cfg: Config, num_classes: int, *, faults: FaultPlan,
-              injections: InjectionLog | NullInjectionLog) -> None:
-        """Build the model for `num_classes` foreground classes, its optimizer, schedule and guard (or
-        a plain step with guard.enabled=false)."""
+    def setup(self, cfg: Config, num_classes: int, *, train: bool = True) -> None:
+        """Build the model for `num_classes` foreground classes; with `train`, also its optimizer,
+        schedule and the guarded step (or a plain one with guard.enabled=false)."""
 
-    def setup_model(self, cfg: Config, num_classes: int, state: dict[str, Any]) -> None:
-        """Only the model, with the weights of a checkpoint's backend state (for evaluation)."""
+    def step(self, batch: Batch, *, lr_factor: float, check_weights: bool,
+             between: Callable[[], None]) -> StepNumbers:
+        """One step on a host batch (its targets already checked): forward, backward, check, agree,
+        apply unless bad. `lr_factor` multiplies the scheduled LR; `check_weights`: check the weights
+        after the update. `between()` is called once the step's work is queued and before its update
+        changes any state (the run reads the previous step's numbers there)."""
 
-    def train_step(self, batch: Batch) -> list[Outcome]:
-        """One step on a host batch (faults of the plan applied). Returns the outcomes read during it
-        (a guard reads the previous step's; a plain step only every train.log_every steps)."""
+    def capture(self) -> Any:
+        """A host copy of the whole training state (model, optimizer, schedule, scaler, the guard's
+        device state, RNG) that later steps do not change: a rollback snapshot and a checkpoint's part."""
 
-    def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple,
-                   annotation_ids: tuple) -> list[Outcome]:
-        """The batch could not be read: a `model_error` incident (a plain step re-raises)."""
-
-    def flush(self) -> list[Outcome]:
-        """The pending outcome, now (before a checkpoint, at the end)."""
-
-    @property
-    def stopped(self) -> bool: ...
-
-    @property
-    def policy_state(self) -> PolicyState: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything to continue bit-identically (model, optimizer, schedule, scaler, guard, RNG), as a
-        copy that later steps do not change (it may be written some steps later)."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def rebase(self, steps_done: int, state: dict[str, Any]) -> None:
-        """`state` (this backend's part of a checkpoint just written, after `steps_done` steps) is now
-        the state the run restarts from: the guard's base, the rollback target of last resort."""
+    def restore(self, state: Any) -> None:
+        """Put back a `capture()` (of a model built as this one; UserError where it does not fit).
+        Without `train`, only the model's weights."""
 
     def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
-        """Write `state` (plain data and the backend's tensors) atomically to `path`."""
+        """Write `state` (plain data, and a `capture()` under "backend") atomically to `path`."""
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Read a checkpoint safely (no code execution); UserError for a damaged or foreign file."""
 
-    def predict(self, index: CocoIndex, *, batch_size: int, max_images: int = 0,
-                skipped: list | None = None) -> list[dict[str, Any]]:
-        """COCO-format detections (xywh, the dataset's category ids) for the images of `index`; the ids
-        of images the model cannot take (a warning line each) are appended to `skipped`."""
+    def predict(self, images: list[np.ndarray]) -> list[Detections]:
+        """Raw detections for [H, W, 3] uint8 images: per image, boxes [N, 4] xyxy in the image's own
+        pixels (float32), scores [N], labels [N] (1-based class indices)."""
 
-    def weights_finite(self) -> bool: ...
+    def weights(self) -> dict[str, np.ndarray]:
+        """A host copy of the model's parameters, by name (the end of a run: finite? digest)."""
 
     def runtime(self) -> dict[str, Any]:
         """Facts about the process the run trained in (framework version, device, the settings that
         change numerics or speed): final.json's `runtime`."""
 
-    def rank_param_digests(self) -> list[str]:
-        """A digest of the parameters of every rank, rank by rank (a collective: every rank calls it at
-        the end of a run); one entry in one process."""
-
     def close(self) -> None:
-        """When: once, at the end of `nanguard train` (every rank, also after an error): release what
-        setup took (a distributed run's process group: left to the interpreter's exit, gloo's threads
-        can abort the process, "terminate called without an active exception")."""
+        """Once, at the end (every rank, also after an error): release what setup took."""
 
-    # Replay (nanguard.explain): nothing of it runs unless a step is bad.
 
-    def keep_replay_state(self, want: Callable[[Observation], bool] | None) -> None:
-        """When: once, after setup. From now on, keep what a replay of a bad step needs (the state it
-        ran with, its RNG) for the observations `want` says yes to; None keeps nothing."""
+Detections = tuple  # (boxes [N, 4] xyxy float32, scores [N] float32, labels [N] int64)
 
-    def write_replay(self, step: int, batch: Batch, path: Path, *, lr: float) -> bool:
+
+@runtime_checkable
+class Injects(Protocol):
+    """A backend that injects the device-side fault kinds (`--inject`; the host-side ones, zero_box
+    and lr_spike, are the run's)."""
+
+    def arm(self, specs: list, record: Callable[[Any, dict[str, Any]], None]) -> None:
+        """`specs` fire in the next `step` (each `record(spec, detail)`ed as it does)."""
+
+
+@runtime_checkable
+class Replays(Protocol):
+    """A backend that can replay a bad step for `nanguard.explain`. Nothing of it runs unless a step is
+    bad."""
+
+    def keep_replay(self, step: int, reference: tuple[int, Any]) -> None:
+        """When: as the run reads bad step `step`, before the next update. Keep the state it ran with
+        (and its RNG); `reference` is the newest rollback target (label, capture) to compare it with."""
+
+    def write_replay(self, step: int, batch: Batch, path: Path, *, lr: float, faults: FaultPlan | None) -> bool:
         """Write the replay file of `step` (trained on the host batch `batch`) to `path`; False when
-        nothing was kept for that step."""
+        nothing was kept for it."""
 
     def replay(self, path: Path, cfg: Config) -> ReplayFacts:
         """Replay the step of a replay file and localise what went wrong (`ReplayFacts`)."""
+
+
+@runtime_checkable
+class Collective(Protocol):
+    """A backend that trains in several processes."""
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value`, rank by rank (a collective: every rank calls it)."""
+
+
+def weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """sha256 of a model's parameters (names and bytes, by name): equal on every rank of a healthy
+    data-parallel run."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(weights[name]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def create_backend(name: str, device: str | None) -> Backend:

@@ -143,10 +143,12 @@ def run(args) -> int:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
     val_ann, val_images = validation_paths(run_cfg, list(args.overrides), args.quiet)
     category_ids = tuple(int(c) for c in state["category_ids"])
-    backend.setup_model(cfg, len(category_ids), state["backend"])
+    backend.setup(cfg, len(category_ids), train=False)
+    backend.restore(state["backend"])
     paths = DataPaths(val_ann, val_images, val_ann, val_images)  # validation_data reads the val_* pair only
     val_index, document = validation_data(paths, category_ids)
     metrics, table, detections = evaluate(backend, val_index, document, batch_size=cfg.eval.batch_size,
+                                          min_size=cfg.model.min_size, max_size=cfg.model.max_size,
                                           max_images=cfg.eval.max_images)
     step = int(state["run"]["step"])
     metrics = {"checkpoint": str(path), "step": step, "val_ann": str(val_ann), "val_images": str(val_images),

@@ -24,8 +24,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from nanguard.config import Config
-from nanguard.data.loader import BatchLoadError, Loader
+from nanguard.data.loader import Batch, BatchLoadError, Loader
+from nanguard.data.targets import drop_invalid_targets
 from nanguard.errors import UserError
 from nanguard.fileio import json_safe
 from nanguard.explain.diagnose import Explainer
@@ -38,8 +41,11 @@ from nanguard.guard import (
     Outcome,
     incident_record,
 )
+from nanguard.guard.driver import PolicyDriver
+from nanguard.guard.faults import StepFaults, inject_host
+from nanguard.guard.host import GuardHost, PlainHost, StepContext
 from nanguard.progress import TrainProgress
-from nanguard.run.backend import Backend
+from nanguard.run.backend import Backend, Collective, Injects, Replays, weights_digest
 from nanguard.run.checkpoints import Checkpoints
 from nanguard.run.data import DataPaths, resolve_data, training_index, validation_data
 from nanguard.run.folder import RunFolder, io_error
@@ -131,8 +137,8 @@ class Training:
                              rank=self.ranks.rank, world=self.ranks.world)
         self.counters = Counters()
         self.checkpoints = Checkpoints(folder.path, backend, keep=cfg.train.keep_checkpoints, writer=folder.writer)
-        # The checkpoint's contents, declared once: save and load both loop over these parts.
-        self.parts = {"run": self.counters, "data": self.loader, "backend": backend}
+        # The checkpoint's contents, declared once: save and load both loop over these parts (in this order).
+        self.parts: dict[str, Any] = {"run": self.counters, "data": self.loader}
         state = self.checkpoints.load_newest() if resuming else None
         if state is not None:
             if tuple(state["category_ids"]) != self.train_index.category_ids:
@@ -145,19 +151,38 @@ class Training:
             else NullIncidentLog()
         self.injections = (InjectionLog(folder.path / "injections.jsonl", resume=resuming) if self.plan and folder.writer
                            else NullInjectionLog())
-        backend.setup(cfg, self.train_index.num_classes, faults=self.plan, injections=self.injections)
+        backend.setup(cfg, self.train_index.num_classes)
+        self.guarded = cfg.guard.enabled
+        # the guard's host half: the numbers read one step late, the policy and its snapshots
+        self.driver = PolicyDriver(cfg.policy, None, capture=backend.capture, restore=backend.restore) \
+            if self.guarded else None
+        self.host = GuardHost(self.driver, cfg.guard, rank=self.ranks.rank) \
+            if self.driver is not None else PlainHost(cfg.train.log_every, rank=self.ranks.rank)
+        self.parts["backend"] = _Captured(backend)
+        self.parts["guard"] = _PolicyPart(self.driver, self.counters)  # after the backend: it captures the base
         # a replay needs the bad rank's batch and state: one process, for now
-        explain = cfg.guard.enabled and not self.ranks.distributed
-        self.explainer = Explainer(cfg, folder.path, backend, resume=resuming) if explain else None
+        explain = self.guarded and not self.ranks.distributed and isinstance(backend, Replays)
+        self.explainer = Explainer(cfg, folder.path, backend, faults=self.plan, resume=resuming) if explain else None
+        if self.explainer is not None and cfg.explain.keep > 0:
+            self.host.keep = self._keep_replay
         if state is not None:
             for name, part in self.parts.items():
                 if name != "run":
                     part.load_state_dict(state[name])
-        self.pending = PendingCheckpoints(self.checkpoints, backend,
-                                          confirm=cfg.policy.snapshot_confirm if cfg.guard.enabled else 0)
+        self.pending = PendingCheckpoints(self.checkpoints, self.driver,
+                                          confirm=cfg.policy.snapshot_confirm if self.guarded else 0)
+
+    @property
+    def stopped(self) -> bool:
+        return self.driver is not None and self.driver.stopped
+
+    def _keep_replay(self, obs) -> None:
+        """A bad step was read: keep the state it ran with, while explain.keep allows."""
+        if self.explainer.wants(obs):
+            self.backend.keep_replay(obs.step, self.driver.newest_kept())
 
     def loop(self, total_steps: int) -> None:
-        counters, backend, loader = self.counters, self.backend, self.loader
+        counters, loader = self.counters, self.loader
         self.progress = TrainProgress(total_steps, start=counters.step, enabled=not self.quiet)
         tensorboard = self.cfg.train.tensorboard and self.folder.writer
         self.tensorboard = TensorBoard(self.folder.path, counters.step) if tensorboard else NullTensorBoard()
@@ -166,25 +191,26 @@ class Training:
         self.metrics.start(counters.step)
         try:
             with self.progress, _io_errors_name_the_path(self.folder):
-                while counters.step < total_steps and not backend.stopped:
+                while counters.step < total_steps and not self.stopped:
                     step = counters.step
                     try:
                         batch = loader.next()
                     except BatchLoadError as err:  # an unreadable image: an incident, not the end of the run
                         self.metrics.ran(step, 0)
-                        self.handle(backend.skip_batch(err.cause, (err.key.epoch, err.key.position), err.image_ids,
-                                                       err.annotation_ids))
+                        if not self.guarded:  # unguarded, a batch that cannot be read ends the run
+                            raise unreadable_unguarded(err.cause, err.image_ids) from None
+                        context = StepContext(tuple(err.image_ids), tuple(err.annotation_ids),
+                                              (err.key.epoch, err.key.position))
+                        self.handle(self.host.failed(step, err.cause, context))
                     else:
-                        outcomes = backend.train_step(batch)
-                        if self.explainer is not None:
-                            self.explainer.ran(step, batch)
+                        outcomes = self.train_step(step, batch)
                         self.metrics.ran(step, len(batch.images))
                         self.handle(outcomes)
                     counters.step += 1
                     self.progress.advance(counters.step)
-                    last = counters.step == total_steps or backend.stopped
+                    last = counters.step == total_steps or self.stopped
                     if counters.step % self.cfg.train.checkpoint_every == 0 or last:
-                        self.handle(backend.flush())  # a sync, once per checkpoint: the state must be final
+                        self.handle(self.host.flush())  # a sync, once per checkpoint: the state must be final
                         counters.train_seconds += time.perf_counter() - started
                         started = time.perf_counter()
                         self.pending.add(counters.step, {
@@ -194,6 +220,31 @@ class Training:
         finally:
             loader.close()
             self.tensorboard.close()
+
+    def train_step(self, step: int, batch: Batch) -> list[Outcome]:
+        """One step: the host-side faults, the targets checked, the backend's step, its numbers posted.
+        Returns the outcomes read during it (guarded: the previous step's)."""
+        lr_factor = self.host.lr_factor if self.guarded else 1.0
+        if self.plan:
+            faults = StepFaults(self.plan, step, self.plan.faults_at(step, self.ranks.rank), self.injections,
+                                self.ranks.rank)
+            batch, spike = inject_host(faults, batch)
+            lr_factor *= spike
+            if isinstance(self.backend, Injects):
+                self.backend.arm(faults.device())
+        if self.explainer is not None:
+            self.explainer.ran(step, batch)
+        checked, invalid = drop_invalid_targets(batch)
+        numbers = self.backend.step(checked, lr_factor=lr_factor,
+                                    check_weights=self.guarded and self.host.check_weights(step),
+                                    between=self.host.read_previous if self.guarded else _nothing)
+        context = StepContext(batch.image_ids, batch.annotation_ids, (batch.key.epoch, batch.key.position),
+                              invalid + numbers.dropped, batch.rank_image_ids, batch.rank_annotation_ids)
+        if numbers.error is not None:  # the model refused the batch: an incident (unguarded: the end)
+            if not self.guarded:
+                raise numbers.error
+            return self.host.failed(step, numbers.error, context)
+        return self.host.sent(step, numbers.names, numbers.read_values, context)
 
     def handle(self, outcomes: list[Outcome]) -> None:
         """The policy's outcomes: quarantine, the incident line (diagnosed first when explain.auto asks),
@@ -216,21 +267,22 @@ class Training:
     def finish(self) -> dict[str, Any]:
         """final.json (after the evaluation, with train.eval_at_end)."""
         cfg, backend, counters, incidents, folder = self.cfg, self.backend, self.counters, self.incidents, self.folder
+        weights = backend.weights()
         final: dict[str, Any] = {
-            "status": "stopped" if backend.stopped else "completed",
+            "status": "stopped" if self.stopped else "completed",
             "steps": counters.step,
             "train_seconds": round(counters.train_seconds, 3),
             "images_per_second": round(counters.step * cfg.train.batch_size / max(counters.train_seconds, 1e-9), 3),
             **incidents.summary(),
             "injections": self.injections.count if self.plan else 0,
-            "weights_finite": backend.weights_finite(),
+            "weights_finite": all(bool(np.isfinite(w).all()) for w in weights.values()),
             "runtime": backend.runtime(),
         }
-        if backend.stopped:
-            final["verdict"] = backend.policy_state.stop_verdict
-            final["stop_reason"] = backend.policy_state.stop_reason
-        if self.ranks.distributed:  # every rank must hold the same weights: compared, never assumed
-            digests = backend.rank_param_digests()
+        if self.stopped:
+            final["verdict"] = self.driver.policy_state.stop_verdict
+            final["stop_reason"] = self.driver.policy_state.stop_reason
+        if self.ranks.distributed and isinstance(backend, Collective):  # the same weights: compared, never assumed
+            digests = backend.gather(weights_digest(weights))
             final["rank_param_digests"] = digests
             if len(set(digests)) > 1:
                 final["status"] = "diverged"
@@ -261,12 +313,12 @@ class PendingCheckpoints:
     `confirm` steps run with it (c, c+1, ...) were healthy: an LR spike applied in the step before c
     shows only in step c's loss, and a checkpoint must never hold a ruined state. A bad step in the
     window drops it (the next one comes checkpoint_every steps later); the last checkpoint of a run is
-    written at once. When one is written, the backend takes it as its base state (its older rollback
+    written at once. When one is written, the policy takes it as its base state (its older rollback
     targets go), exactly as a process that resumes from it starts: so a run resumed after a kill -9 is
     bit-identical to the one never killed, rollbacks included."""
 
-    def __init__(self, checkpoints: Checkpoints, backend: Backend, confirm: int) -> None:
-        self.checkpoints, self.backend, self.confirm = checkpoints, backend, confirm
+    def __init__(self, checkpoints: Checkpoints, driver: PolicyDriver | None, confirm: int) -> None:
+        self.checkpoints, self.driver, self.confirm = checkpoints, driver, confirm
         self.waiting: list[list] = []  # [steps done, state, healthy observations since], oldest first
 
     def add(self, steps_done: int, state: dict[str, Any], *, now: bool) -> None:
@@ -291,7 +343,46 @@ class PendingCheckpoints:
 
     def _write(self, steps_done: int, state: dict[str, Any]) -> None:
         self.checkpoints.save(steps_done, state)
-        self.backend.rebase(steps_done, state["backend"])
+        if self.driver is not None:  # the state after step steps_done - 1 is the base now
+            self.driver.rebase(steps_done - 1, state["backend"])
+
+
+class _Captured:
+    """The backend's part of a checkpoint: its `capture()`, put back with `restore`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def state_dict(self) -> Any:
+        return self.backend.capture()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.backend.restore(state)
+
+
+class _PolicyPart:
+    """The policy's part of a checkpoint (its state and LR factor; the snapshots are not: a resumed run
+    starts from the checkpoint, its base)."""
+
+    def __init__(self, driver: PolicyDriver | None, counters: Counters) -> None:
+        self.driver, self.counters = driver, counters
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.driver.state_dict(self.counters.step) if self.driver is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.driver is not None and state:
+            self.driver.load_state_dict(state, self.counters.step)
+
+
+def unreadable_unguarded(error: BaseException, image_ids: tuple) -> UserError:
+    """With guard.enabled=false a batch that cannot be read ends the run (as in a plain loop), with the fix."""
+    return UserError(f"image(s) {', '.join(map(str, image_ids))}: cannot be read ({error}); with "
+                     "guard.enabled=false the run stops here: run `nanguard audit` on the split")
+
+
+def _nothing() -> None:
+    pass
 
 
 @contextlib.contextmanager
@@ -311,6 +402,7 @@ def evaluate_run(cfg: Config, backend: Backend, paths: DataPaths, category_ids, 
 
     val_index, document = validation_data(paths, category_ids)
     metrics, table, _ = evaluate(backend, val_index, document, batch_size=cfg.eval.batch_size,
+                                 min_size=cfg.model.min_size, max_size=cfg.model.max_size,
                                  max_images=cfg.eval.max_images)
     if not quiet:
         print(table, file=sys.stderr)

@@ -39,14 +39,12 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from nanguard.guard import STEP_FIELDS, GuardConfig, Observation
+from nanguard.guard import STEP_FIELDS, GuardConfig, Observation, step_vector
 from nanguard.guard.host import Mailbox
 from nanguard.guard.spikes import MAD_TO_STD
 
 _FIELD = {name: i for i, name in enumerate(STEP_FIELDS)}
 _HYPER_MAP = ops.HyperMap()
-# the order both construct methods stack their numbers in
-assert STEP_FIELDS[:4] == ("total_loss", "grad_norm", "lr", "loss_scale") and STEP_FIELDS[12:] == ("applied", "rank_divergence")
 
 
 class DeviceSpikes(nn.Cell):
@@ -263,11 +261,12 @@ class GuardedTrainStep(nn.Cell):
         loss_scale = nan
         if self.scaling:
             loss_scale = ops.cast(self._update_scale(incident, overflow), ms.float64)
-        vector = ops.stack([
-            ops.cast(total, ms.float64), ops.cast(grad_norm, ms.float64), lr, loss_scale,
-            _flag(nonfinite_loss), _flag(nonfinite_grad), _flag(nonfinite_buffer), _flag(loss_spike),
-            _flag(grad_spike), nonfinite_param, wild_param, _flag(scale_overflow), _flag(ops.logical_not(skip)),
-            ops.depend(nan, kept)])
+        vector = ops.stack(step_vector({
+            "total_loss": ops.cast(total, ms.float64), "grad_norm": ops.cast(grad_norm, ms.float64), "lr": lr,
+            "loss_scale": loss_scale, "nonfinite_loss": _flag(nonfinite_loss), "nonfinite_grad": _flag(nonfinite_grad),
+            "nonfinite_buffer": _flag(nonfinite_buffer), "loss_spike": _flag(loss_spike),
+            "grad_spike": _flag(grad_spike), "nonfinite_param": nonfinite_param, "wild_param": wild_param,
+            "scale_overflow": _flag(scale_overflow), "applied": _flag(ops.logical_not(skip))}, ops.depend(nan, kept)))
         return components, vector
 
     def check_weights(self, vector: Tensor) -> Tensor:
@@ -292,9 +291,10 @@ class GuardedTrainStep(nn.Cell):
         grad_norm = ops.sqrt(ops.stack(self.hyper_map(_square_sum, grads)).sum())
         lr = self._lr()
         updated = self.optimizer(self._clip(grads, grad_norm))
-        zero = ops.depend(ops.zeros((), ms.float64), updated)
-        vector = ops.stack([ops.cast(components.sum(), ms.float64), ops.cast(grad_norm, ms.float64), lr, self.nan]
-                           + [zero] * 8 + [zero + 1, self.nan])
+        nan = ops.depend(self.nan, updated)  # a plain step computes no flag: NaN, as the torch plain step's
+        vector = ops.stack(step_vector({"total_loss": ops.cast(components.sum(), ms.float64),
+                                        "grad_norm": ops.cast(grad_norm, ms.float64), "lr": lr,
+                                        "applied": ops.depend(ops.ones((), ms.float64), updated)}, nan))
         return components, vector
 
     def _clip(self, grads: tuple, grad_norm: Tensor) -> tuple:

@@ -1,6 +1,6 @@
 """The PyTorch backend of the run (`nanguard.run.backend.Backend`): torchvision's Faster R-CNN, the
-device-side guard (or a plain step), checkpoints written with `torch.save` and read with
-`weights_only=True`."""
+guard's device half (`GuardedStep`, or a plain step), checkpoints written with `torch.save` and read
+with `weights_only=True`, replay for `nanguard.explain`, torch.distributed."""
 
 from __future__ import annotations
 
@@ -10,20 +10,22 @@ from typing import Any
 import torch
 
 from nanguard.backends.torch import checkpoint as ckpt
-from nanguard.backends.torch.devicestate import LRSchedule, to_host
-from nanguard.backends.torch.distributed import RankAgreement, gather_objects, init_process_group, param_digest
-from nanguard.backends.torch.evaluate import predict
+import numpy as np
+
+from nanguard.backends.shared import split_decay
+from nanguard.backends.torch.devicestate import LossScaler, LRSchedule, to_host
+from nanguard.backends.torch.distributed import RankAgreement, gather_objects, init_process_group
 from nanguard.backends.torch.faults import TorchFaults
-from nanguard.backends.torch.guard import Guard
+from nanguard.backends.torch.guard import GuardedStep, send
 from nanguard.backends.torch.model import build_model, read_tensor_file
 from nanguard.backends.torch.replay import replay, write_replay
-from nanguard.backends.torch.step import NO_HOOKS, PlainStep, train_step
+from nanguard.backends.torch.step import NO_HOOKS, PlainStep, autocast, image_tensor, to_tensors
 from nanguard.config import Config
-from nanguard.data.coco import CocoIndex
 from nanguard.data.loader import Batch
 from nanguard.errors import UserError
-from nanguard.guard import FaultPlan, Outcome
-from nanguard.run.backend import unreadable_unguarded
+from nanguard.guard import FaultPlan
+from nanguard.guard.faults import StepFaults
+from nanguard.run.backend import StepNumbers
 from nanguard.run.ranks import Ranks
 
 
@@ -31,10 +33,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     """SGD (momentum) or Adam/AdamW. No weight decay on norms and biases (torchvision's references'
     `norm_weight_decay=0` habit), fused where possible: fused kernels take the guard's found_inf."""
     t = cfg.train
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+    decay, no_decay = split_decay((p for p in model.parameters() if p.requires_grad), lambda p: p.ndim)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     lr = torch.tensor(t.lr)  # a tensor: the guard's schedule writes a device tensor here every step
     extra = {"fused": True} if t.fused else {"foreach": False}  # foreach Adam refuses a tensor lr
@@ -74,25 +73,30 @@ class RngState:
 
 
 class TorchBackend:
-    name = "torch"
+    """`nanguard.run.backend.Backend`, and `Injects`, `Replays`, `Collective`."""
+
     checkpoint_suffix = ".pt"
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.ranks = Ranks()
+        self.training = False
 
     def check_config(self, cfg: Config) -> None:
         if cfg.model.weights:  # a file that does not load is refused before the run folder exists
             read_tensor_file(Path(cfg.model.weights), "model.weights")
 
-    def setup(self, cfg: Config, num_classes: int, *, faults: FaultPlan, injections) -> None:
+    def setup(self, cfg: Config, num_classes: int, *, train: bool = True) -> None:
+        self.cfg, self.num_classes, self.training = cfg, num_classes, train
+        if not train:
+            self.model = build_model(cfg.model, num_classes).to(self.device)
+            return
         self.ranks = Ranks.from_env()
         if self.ranks.distributed:
             self.device = init_process_group(self.device, self.ranks)
         torch.manual_seed(cfg.seed + self.ranks.rank)  # DDP gives every rank rank 0's initial weights
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.cfg, self.faults, self.injections, self.num_classes = cfg, faults, injections, num_classes
-        self._rng_before: dict[int, dict[str, Any]] | None = None
         self.model = build_model(cfg.model, num_classes).to(self.device).train()
         self.forward_model: torch.nn.Module = self.model
         agreement = None
@@ -105,69 +109,86 @@ class TorchBackend:
         self.schedule = LRSchedule(cfg.train, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         common = dict(scaler=self.scaler, schedule=self.schedule)
-        self.stepper: Guard | PlainStep = (
-            Guard(self.model, self.optimizer, config=cfg.guard, policy=cfg.policy, ranks=agreement, **common)
+        self.stepper: GuardedStep | PlainStep = (
+            GuardedStep(self.model, self.optimizer, config=cfg.guard, ranks=agreement, **common)
             if cfg.guard.enabled else
-            PlainStep(self.model, self.optimizer, clip_norm=cfg.guard.clip_norm, observe_every=cfg.train.log_every,
-                      **common))
-        # The checkpoint's parts, declared once: state_dict and load_state_dict loop over them (the RNG
-        # last: building and loading the others must not move it).
-        self.parts = {"model": self.model, "optimizer": self.optimizer, "schedule": self.schedule,
-                      "scaler": self.scaler, "guard": self.stepper, "rng": RngState(self.ranks)}
-
-    def setup_model(self, cfg: Config, num_classes: int, state: dict[str, Any]) -> None:
-        self.model = build_model(cfg.model, num_classes).to(self.device)
-        try:
-            self.model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError):
-            raise UserError(f"the checkpoint's weights do not fit model.name={cfg.model.name}; drop the model.* "
-                            "overrides") from None
+            PlainStep(self.model, self.optimizer, clip_norm=cfg.guard.clip_norm, **common))
+        self.rng = RngState(self.ranks)
+        self._armed: TorchFaults | None = None
+        # what a replay needs, kept only where a run explains its incidents (one process, guarded)
+        explain = cfg.guard.enabled and cfg.explain.keep > 0 and not self.ranks.distributed
+        self._rng_before: dict[tuple, dict[str, Any]] | None = {} if explain else None
+        self.replay_states: dict[int, dict[str, Any]] = {}
 
     # ---------------------------------------------------------------------------------------------
-    # Steps
+    # The step
 
-    def train_step(self, batch: Batch) -> list[Outcome]:
-        step = self.stepper.steps_run
+    def step(self, batch: Batch, *, lr_factor: float, check_weights: bool, between) -> StepNumbers:
         if self._rng_before is not None:  # a 5 kB host copy: what a replay of this step starts from
-            self._rng_before[step] = ckpt.rng_state()
-            self._rng_before.pop(step - 8, None)
-        hooks = TorchFaults(self.faults, step, self.injections, rank=self.ranks.rank) if self.faults else NO_HOOKS
-        return train_step(self.forward_model, self.stepper, batch, device=self.device, amp=self.cfg.train.amp,
-                          hooks=hooks)
+            self._rng_before[batch.key] = ckpt.rng_state()
+            for old in list(self._rng_before)[:-8]:
+                del self._rng_before[old]
+        hooks, self._armed = self._armed or NO_HOOKS, None
+        images, targets = to_tensors(batch, self.device)
+        hooks.on_batch(images, targets, batch.image_ids)
+        try:
+            with autocast(self.device, self.cfg.train.amp):
+                losses = self.forward_model(images, targets)  # the four loss components, 0-dim device tensors
+        except Exception as exc:  # the model refused this batch: an incident (unguarded: the end of the run)
+            if isinstance(self.stepper, GuardedStep):
+                self.stepper.discard()
+            return StepNumbers((), None, error=exc)
+        # no sync from here on: the guard keeps every flag on the device
+        backward = self.stepper.backward(hooks.on_losses(dict(losses)))
+        hooks.after_backward(self.stepper.params)
+        between()
+        if isinstance(self.stepper, GuardedStep):
+            read_values = send(self.stepper.update(backward, lr_factor=lr_factor, check_weights=check_weights))
+        else:
+            read_values = self.stepper.apply(backward, lr_factor)
+        hooks.after_update(self.stepper.params)
+        return StepNumbers(backward.names, read_values)
 
-    def skip_batch(self, error: BaseException, batch_key: tuple[int, int], image_ids: tuple,
-                   annotation_ids: tuple) -> list[Outcome]:
-        if isinstance(self.stepper, PlainStep):  # unguarded, a batch that cannot be read ends the run
-            raise unreadable_unguarded(error, image_ids) from None
-        return self.stepper.skip_batch(error, image_ids=image_ids, annotation_ids=annotation_ids, batch=batch_key)
-
-    def flush(self) -> list[Outcome]:
-        return self.stepper.flush()
-
-    @property
-    def stopped(self) -> bool:
-        return self.stepper.stopped
-
-    @property
-    def policy_state(self):
-        return self.stepper.policy_state
+    def arm(self, faults: StepFaults) -> None:
+        self._armed = TorchFaults(faults.plan, faults.step, faults.log, faults.rank) if faults else None
 
     # ---------------------------------------------------------------------------------------------
     # State
 
-    def state_dict(self) -> dict[str, Any]:
-        return to_host({name: part.state_dict() for name, part in self.parts.items()})
+    def capture(self) -> dict[str, Any]:
+        if not self.training:
+            return to_host({"model": self.model.state_dict()})
+        if isinstance(self.stepper, GuardedStep):
+            state = self.stepper.capture()
+            state["guard"] = {"loss_spikes": state.pop("loss_spikes"), "grad_spikes": state.pop("grad_spikes")}
+        else:
+            state = to_host({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                             "guard": {}})
+        state["rng"] = self.rng.state_dict()
+        return state
 
-    def rebase(self, steps_done: int, state: dict[str, Any]) -> None:
-        if isinstance(self.stepper, Guard):
-            self.stepper.rebase(steps_done - 1, state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = [name for name in self.parts if name not in state]
+    def restore(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "model" not in state:
+            raise UserError("the checkpoint lacks the model's weights; it is damaged or from another nanguard")
+        if not self.training:
+            try:
+                self.model.load_state_dict(state["model"])
+            except (RuntimeError, KeyError):
+                raise UserError(f"the checkpoint's weights do not fit model.name={self.cfg.model.name}; drop the "
+                                "model.* overrides") from None
+            return
+        missing = [name for name in ("optimizer", "schedule", "scaler", "guard", "rng") if name not in state]
         if missing:
             raise UserError(f"checkpoint lacks {', '.join(missing)}; it is damaged or from another nanguard")
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+        if isinstance(self.stepper, GuardedStep) and state["guard"]:
+            self.stepper.restore({**state, **state["guard"]})
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            LossScaler(self.scaler, self.optimizer).load_state_dict(state["scaler"])
+        self.rng.load_state_dict(state["rng"])  # last: loading the others must not move it
 
     def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         ckpt.save_checkpoint(path, state)
@@ -175,53 +196,60 @@ class TorchBackend:
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         return ckpt.load_checkpoint(path)
 
-    def predict(self, index: CocoIndex, *, batch_size: int, max_images: int = 0,
-                skipped: list | None = None) -> list[dict[str, Any]]:
-        return predict(self.model, index, batch_size=batch_size, device=self.device, max_images=max_images,
-                       skipped=skipped)
+    @torch.no_grad()
+    def predict(self, images: list[np.ndarray]) -> list[tuple]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outputs = self.model([image_tensor(image, self.device) for image in images]) if images else []
+        finally:
+            self.model.train(was_training)
+        return [(out["boxes"].float().cpu().numpy(), out["scores"].float().cpu().numpy(),
+                 out["labels"].cpu().numpy()) for out in outputs]
 
-    # ---------------------------------------------------------------------------------------------
-    # Replay (nanguard.explain)
-
-    def keep_replay_state(self, want) -> None:
-        if isinstance(self.stepper, Guard) and want is not None:
-            self.stepper.keep_replay_state = want
-            self._rng_before = {}
-
-    def write_replay(self, step: int, batch: Batch, path: Path, *, lr: float) -> bool:
-        kept = self.stepper.replay_states.pop(step, None) if isinstance(self.stepper, Guard) else None
-        rng = (self._rng_before or {}).get(step)
-        if kept is None or rng is None:
-            return False
-        write_replay(path, step=step, kept=kept, rng=rng, batch=batch, plan=self.faults,
-                     num_classes=self.num_classes, amp=self.cfg.train.amp, lr=lr)
-        return True
-
-    def replay(self, path: Path, cfg: Config):
-        return replay(path, cfg, self.device)
-
-    def rank_param_digests(self) -> list[str]:
-        digest = param_digest(self.model)
-        return gather_objects(digest) if self.ranks.distributed else [digest]
-
-    def close(self) -> None:
-        ranks = getattr(self, "ranks", None)
-        if ranks is not None and ranks.distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    def weights_finite(self) -> bool:
-        return bool(all(torch.isfinite(p).all() for p in self.model.parameters()))  # sync-ok: end of run
-
+    def weights(self) -> dict[str, np.ndarray]:
+        return {name: p.detach().cpu().numpy().copy() for name, p in self.model.named_parameters()}  # sync-ok: end of run
 
     def runtime(self) -> dict[str, Any]:
         device = torch.device(self.device)
-        facts = {"backend": self.name, "torch": torch.__version__, "device": str(device),
+        facts = {"backend": "torch", "torch": torch.__version__, "device": str(device),
                  "amp": self.cfg.train.amp, "threads": torch.get_num_threads()}
         if device.type == "cuda":
             facts["gpu"] = torch.cuda.get_device_name(device)
         else:
             facts["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         return facts
+
+    def gather(self, value: Any) -> list[Any]:
+        return gather_objects(value) if self.ranks.distributed else [value]
+
+    def close(self) -> None:
+        if self.ranks.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    # ---------------------------------------------------------------------------------------------
+    # Replay (nanguard.explain)
+
+    def keep_replay(self, step: int, reference: tuple[int, Any]) -> None:
+        if not isinstance(self.stepper, GuardedStep) or self._rng_before is None:
+            return
+        label, state = reference
+        self.replay_states[step] = {**self.stepper.capture_before_forward(), "reference_step": label,
+                                    "reference_model": state["model"]}
+        for old in sorted(self.replay_states)[:-4]:  # the run takes them at once; never pile up
+            del self.replay_states[old]
+
+    def write_replay(self, step: int, batch: Batch, path: Path, *, lr: float, faults: FaultPlan | None) -> bool:
+        kept = self.replay_states.pop(step, None)
+        rng = (self._rng_before or {}).get(batch.key)
+        if kept is None or rng is None:
+            return False
+        write_replay(path, step=step, kept=kept, rng=rng, batch=batch, plan=faults or FaultPlan([]),
+                     num_classes=self.num_classes, amp=self.cfg.train.amp, lr=lr)
+        return True
+
+    def replay(self, path: Path, cfg: Config):
+        return replay(path, cfg, self.device)
 
 
 def create(device: str | None) -> TorchBackend:

@@ -1,50 +1,27 @@
-"""Fault injection for PyTorch: the tensor work behind each kind in `nanguard.guard.faults`.
+"""Fault injection for PyTorch: the tensor work behind each device-side kind in `nanguard.guard.faults`
+(the host-side kinds, zero_box and lr_spike, are the run's: `nanguard.guard.faults.inject_host`).
 
-`TorchFaults(plan, step, log)` is the `StepHooks` the trainer's step (`backends.torch.step.train_step`)
-calls at each point of one step. Every injection is written to injections.jsonl; nothing else in
-nanguard reads that file.
+`TorchFaults(plan, step, log)` is the `StepHooks` the backend's step calls at each point of one step.
+Every injection is written to injections.jsonl; nothing else in nanguard reads that file.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
 from nanguard.backends.torch.step import NoHooks
 from nanguard.guard import FaultPlan, FaultSpec
+from nanguard.guard.faults import HOST_KINDS
 from nanguard.guard.faults import plain_id as _plain
 
 
 class TorchFaults(NoHooks):
     def __init__(self, plan: FaultPlan, step: int, log, rank: int = 0) -> None:
         self.plan, self.step, self.log, self.rank = plan, step, log, rank
-        self.active: list[FaultSpec] = plan.faults_at(step, rank) if plan else []
+        self.active: list[FaultSpec] = [s for s in plan.faults_at(step, rank) if s.kind not in HOST_KINDS] if plan else []
 
     def _of(self, kind: str) -> list[FaultSpec]:
         return [spec for spec in self.active if spec.kind == kind]
-
-    def on_host_batch(self, batch) -> None:
-        """zero_box: one target box of the decoded batch gets x2 = x1 (an annotation gone bad)."""
-        for spec in self._of("zero_box"):
-            candidates = [i for i, boxes in enumerate(batch.boxes) if len(boxes)]
-            if not candidates:
-                continue
-            i = candidates[self.plan.pick(spec, self.step, len(candidates), "image")]
-            boxes = batch.boxes[i] = batch.boxes[i].copy()
-            j = self.plan.pick(spec, self.step, len(boxes), "box")
-            boxes[j, 2] = boxes[j, 0]  # x2 = x1: a zero-width box
-            self.log.record(self.step, spec, self.rank, {"image_id": _plain(batch.image_ids[i]), "box": j})
-
-    def during_update(self, schedule):
-        """lr_spike: the schedule's base LR times `factor` for this one update."""
-        factor = 1.0
-        for spec in self._of("lr_spike"):
-            factor *= float(spec.param("factor"))
-            self.log.record(self.step, spec, self.rank, {"lr_factor": factor})
-        if factor == 1.0 or schedule is None:
-            return contextlib.nullcontext()
-        return _scaled_base_lr(schedule, factor)
 
     def on_batch(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
                  image_ids: tuple) -> None:
@@ -85,13 +62,3 @@ class TorchFaults(NoHooks):
             bits.bitwise_xor_(1 << int(spec.param("bit")) if int(spec.param("bit")) < 31 else -(1 << 31))
             self.log.record(self.step, spec, self.rank, {"param_index": k, "element": e,
                                                           "bit": int(spec.param("bit"))})
-
-
-@contextlib.contextmanager
-def _scaled_base_lr(schedule, factor: float):
-    base = schedule.base_lr
-    schedule.base_lr = base * factor
-    try:
-        yield
-    finally:
-        schedule.base_lr = base

@@ -43,16 +43,16 @@ from nanguard.backends.torch.devicestate import (
 )
 from nanguard.guard import (
     STEP_FIELDS,
+    step_vector,
     GuardConfig,
     IncidentLog,
     NullIncidentLog,
-    Observation,
     Outcome,
     PolicyConfig,
     PolicyState,
 )
 from nanguard.guard.driver import PolicyDriver
-from nanguard.guard.host import Mailbox, StepContext
+from nanguard.guard.host import GuardHost, StepContext
 
 
 @dataclass
@@ -67,8 +67,10 @@ class Backward:
 def pack(components: torch.Tensor, values: dict[str, torch.Tensor], rank_flags: torch.Tensor | None = None) -> torch.Tensor:
     """[C + len(STEP_FIELDS) (+ W)] float32: the components, then `STEP_FIELDS` (NaN where not given),
     then, across W ranks, 1.0 for each rank that saw a bad step itself."""
+    unknown = set(values) - set(STEP_FIELDS)
+    assert not unknown, f"not step fields: {sorted(unknown)}"
     nan = torch.full((), math.nan, device=components.device)
-    parts = [components.float(), torch.stack([values.get(k, nan).float().reshape(()) for k in STEP_FIELDS])]
+    parts = [components.float(), torch.stack([v.float().reshape(()) for v in step_vector(values, nan)])]
     return torch.cat(parts + ([rank_flags.float()] if rank_flags is not None else []))
 
 
@@ -92,23 +94,20 @@ def send(vector: torch.Tensor) -> Callable[[], list[float]]:
     return read_values
 
 
-class Guard:
-    """Guards any PyTorch training loop (see the module docstring). `scaler`: a `torch.amp.GradScaler`
-    for fp16; `schedule`: nanguard's device-side `LRSchedule` (without one, the optimizer's own lr is
-    used, times the policy's LR factor)."""
+class GuardedStep:
+    """The device half of the guard: backward, check, agree, apply; the step's numbers as one small
+    device vector (`pack`). No host sync anywhere. What to do with the numbers (read them one step
+    late, decide, carry out) is the host half's, `nanguard.guard.host.GuardHost`: the run's, or the
+    own-loop `Guard`'s."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scaler=None,
-                 config: GuardConfig | None = None, policy: PolicyConfig | None = None,
-                 schedule: LRSchedule | None = None, incident_log: IncidentLog | NullIncidentLog | None = None,
-                 rank: int = 0, ranks: RankAgreement | None = None) -> None:
+                 config: GuardConfig | None = None, schedule: LRSchedule | None = None,
+                 ranks: RankAgreement | None = None) -> None:
         self.model, self.optimizer = model, optimizer
         self.scaler = LossScaler(scaler, optimizer)
         self.config = config or GuardConfig()
-        self.policy_config = policy or PolicyConfig()
         self.schedule = schedule
-        self.incidents = incident_log or NullIncidentLog()
         self.ranks = ranks  # a distributed run's agreement (None: one process)
-        self.mailbox = Mailbox(ranks.rank if ranks is not None else rank)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.device = self.params[0].device
         self.fused = all(group.get("fused") for group in optimizer.param_groups)
@@ -120,38 +119,7 @@ class Guard:
         spikes = self.config.spike_settings()
         self.loss_spikes = DeviceSpikeDetector(**spikes, device=self.device)
         self.grad_spikes = DeviceSpikeDetector(**spikes, device=self.device)
-        self.steps_run = 0  # data positions consumed by this guard (the observation's `step`)
-        # the policy's decisions carried out: LR factor, snapshots staged and confirmed, rollback, stop
-        self.driver = PolicyDriver(self.policy_config, self.incidents, capture=self._capture, restore=self._restore)
-        # When: every bad observation, as it is read. Returns whether to keep the state that step ran
-        # with in `replay_states` (by step) for its replay; None keeps nothing.
-        self.keep_replay_state: Callable[[Observation], bool] | None = None
-        self.replay_states: dict[int, dict[str, Any]] = {}
-
-    @property
-    def rank(self) -> int:
-        return self.mailbox.rank
-
-    @property
-    def policy_state(self) -> PolicyState:
-        return self.driver.policy_state
-
-    @property
-    def lr_factor(self) -> float:
-        return self.driver.lr_factor
-
-    @property
-    def stopped(self) -> bool:
-        return self.driver.stopped
-
-    # ------------------------------------------------------------------------------------------
-    # The step
-
-    def step(self, losses: dict[str, torch.Tensor], *, image_ids: tuple = (), annotation_ids: tuple = (),
-             batch: tuple[int, int] | None = None, invalid_targets: tuple = ()) -> list[Outcome]:
-        """Backward, check, agree, apply, send; returns the outcome of the previous step."""
-        context = StepContext(tuple(image_ids), tuple(annotation_ids), batch, tuple(invalid_targets))
-        return self.update(self.backward(losses), context)
+        self._weights_checked = True  # the previous update's weights were checked (the digest compares them)
 
     def backward(self, losses: dict[str, torch.Tensor]) -> Backward:
         """Sum the components and backpropagate (fp16: scaled, then unscaled; the scaler's found_inf
@@ -164,19 +132,19 @@ class Guard:
         self.scaler.backward(total)
         return Backward(names, components, total.detach())
 
-    def update(self, backward: Backward, context: StepContext = StepContext()) -> list[Outcome]:
-        step = self.steps_run
-        # the previous step's numbers are read before this step's check and update touch the state, so
-        # that the state a bad step ran with can be kept for its replay (decided on after, as ever)
-        previous = self._read(self.mailbox.take())
+    def update(self, backward: Backward, *, lr_factor: float = 1.0, check_weights: bool = True) -> torch.Tensor:
+        """Check, agree, apply (the LR times `lr_factor`; the weights checked after the update if
+        `check_weights`). Returns the step's vector (`pack`), on the device."""
         checks = self._check(backward)
         skip = self._agree(checks, backward)
-        values = self._apply(skip, checks, step)
-        self.driver.stage(step)  # a host copy on the snapshot grid, kept once the steps run with it are healthy
-        self.mailbox.post(step, backward.names,
-                          send(pack(checks.pop("components"), values, checks.pop("rank_flags", None))), context)
-        self.steps_run += 1
-        return self._decide(previous)
+        values = self._apply(skip, checks, lr_factor, check_weights)
+        self._weights_checked = check_weights
+        return pack(checks.pop("components"), values, checks.pop("rank_flags", None))
+
+    def discard(self) -> None:
+        """The model raised on a batch: put back what its forward wrote and drop its gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+        torch._foreach_copy_(self.buffers, self._buffer_snapshot)
 
     def _check(self, b: Backward) -> dict[str, torch.Tensor]:
         """This rank's flags, as 0-dim device tensors (nothing here is read on the host)."""
@@ -201,7 +169,7 @@ class Guard:
             # the weights this step ran with: those the previous step's update left, compared where they
             # were checked (the param_check_every grid and a snapshot, which a divergence must keep from
             # being confirmed): the one weight-check rule
-            if self.driver.weights_check_due(self.steps_run - 1, self.config.param_check_every):
+            if self._weights_checked:
                 # L1 norms miss a flipped sign bit; the signed sums see it (float64: no cancellation)
                 detached = [p.detach() for p in self.params]
                 l1 = torch.stack(torch._foreach_norm(detached, 1)).double().sum()
@@ -231,7 +199,8 @@ class Guard:
         checks["incident"] = incident
         return incident | checks["scale_overflow"]
 
-    def _apply(self, skip: torch.Tensor, checks: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    def _apply(self, skip: torch.Tensor, checks: dict[str, torch.Tensor], lr_factor: float,
+               check_weights: bool) -> dict[str, torch.Tensor]:
         """Clip, then update everything the step owns unless `skip`; check the parameters on their
         grid. Returns the step's numbers for the host (`STEP_FIELDS`)."""
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -239,7 +208,7 @@ class Guard:
             coef = torch.clamp(self.config.clip_norm / (checks["grad_norm"] + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         stateless = [p for p in self.params if not self.optimizer.state.get(p)] if self._lazy_state else []
-        lr = self._masked_optimizer_step(skip)
+        lr = self._masked_optimizer_step(skip, lr_factor)
         if stateless and bool(skip):  # sync-ok: only until a lazily-created optimizer state exists
             for p in stateless:
                 self.optimizer.state.pop(p, None)  # created by a masked step: as if it never ran
@@ -253,40 +222,21 @@ class Guard:
         values.update(lr=lr, applied=~skip)
         if self.scaler.enabled:
             values["loss_scale"] = self.scaler.update_unless(checks["incident"])
-        if self.driver.weights_check_due(step, self.config.param_check_every):
+        if check_weights:
             peak = torch.stack(torch._foreach_norm([p.detach() for p in self.params], math.inf)).max()
             values.update(nonfinite_param=~torch.isfinite(peak), wild_param=peak > self.config.param_abs_max)
         return values
 
-    def skip_batch(self, error: BaseException, *, image_ids: tuple = (), annotation_ids: tuple = (),
-                   batch: tuple[int, int] | None = None) -> list[Outcome]:
-        """The model raised on a batch (or the batch could not be read): put back what its forward
-        wrote, drop its gradients, and report a `model_error` incident for the policy."""
-        self.optimizer.zero_grad(set_to_none=True)
-        torch._foreach_copy_(self.buffers, self._buffer_snapshot)
-        context = StepContext(tuple(image_ids), tuple(annotation_ids), batch)
-        previous = self._read(self.mailbox.post_error(self.steps_run, error, context))
-        self.steps_run += 1
-        return self._decide(previous)
-
-    def flush(self) -> list[Outcome]:
-        """Read the pending observation now (before a checkpoint, at the end of a run). A sync, but not
-        on the per-step path."""
-        return self._decide(self._read(self.mailbox.take()))
-
-    # ------------------------------------------------------------------------------------------
-    # Masking
-
-    def _masked_optimizer_step(self, skip: torch.Tensor) -> torch.Tensor:
+    def _masked_optimizer_step(self, skip: torch.Tensor, lr_factor: float) -> torch.Tensor:
         """Run the optimizer so that nothing changes when `skip` is set. Returns the lr used."""
         saved = [group["lr"] for group in self.optimizer.param_groups]
         if self.schedule is not None:
-            lr = self.schedule.lr() * self.lr_factor
+            lr = self.schedule.lr() * lr_factor
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         else:
             for group in self.optimizer.param_groups:
-                group["lr"] = group["lr"] * self.lr_factor
+                group["lr"] = group["lr"] * lr_factor
             lr = torch.as_tensor(self.optimizer.param_groups[0]["lr"], dtype=torch.float32, device=self.device)
         if self.fused:  # the fused kernels skip the whole update, step counters included
             self.optimizer.found_inf = skip.float()
@@ -311,32 +261,10 @@ class Guard:
             tensor.data.copy_(torch.where(skip, old, tensor.data))  # where, not *0: NaN * 0 is NaN
 
     # ------------------------------------------------------------------------------------------
-    # One step late: observation, policy, actions
+    # State
 
-    def _read(self, pending) -> Observation | None:
-        """The observation of a posted step. When `keep_replay_state` wants it (a bad step), the state
-        that step ran with is kept on the host for its replay: the live state now, which no later update
-        has touched (the bad step's own update was masked), with the BatchNorm statistics as they were
-        before the forward pass in flight. Costs nothing unless a step is bad."""
-        if pending is None:
-            return None
-        obs = self.mailbox.read(pending)
-        if self.keep_replay_state is not None and obs.bad(self.policy_config.min_loss_scale) \
-                and self.keep_replay_state(obs):
-            state = self._capture()
-            names = {id(buf): name for name, buf in self.model.named_buffers()}
-            for buf, before in zip(self.buffers, self._buffer_snapshot):
-                state["model"][names[id(buf)]] = to_host(before)
-            newest, reference = self.driver.newest_kept()
-            self.replay_states[obs.step] = {**state, "reference_step": newest, "reference_model": reference["model"]}
-            for old in sorted(self.replay_states)[:-4]:  # the trainer takes them at once; never pile up
-                del self.replay_states[old]
-        return obs
-
-    def _decide(self, obs: Observation | None) -> list[Outcome]:
-        return self.driver.decide(obs)  # the caller handles the data (quarantine) and the stop
-
-    def _capture(self) -> dict[str, Any]:
+    def capture(self) -> dict[str, Any]:
+        """A host copy of everything the step owns (a rollback snapshot)."""
         # sync-ok: a host copy every policy.snapshot_every steps, not every step
         return to_host({
             "model": self.model.state_dict(),
@@ -347,8 +275,17 @@ class Guard:
             "grad_spikes": self.grad_spikes.state_dict(),
         })
 
-    def _restore(self, snap: dict[str, Any]) -> None:
-        """Put back a snapshot (the one the policy's rollback names; `PolicyDriver` picks it)."""
+    def capture_before_forward(self) -> dict[str, Any]:
+        """`capture()` with the BatchNorm statistics as they were before the forward pass in flight:
+        between a bad step's backward and update, the state that step ran with."""
+        state = self.capture()
+        names = {id(buf): name for name, buf in self.model.named_buffers()}
+        for buf, before in zip(self.buffers, self._buffer_snapshot):
+            state["model"][names[id(buf)]] = to_host(before)
+        return state
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Put back a `capture()`."""
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         if self.schedule is not None and snap["schedule"] is not None:
@@ -358,31 +295,87 @@ class Guard:
         self.grad_spikes.load_state_dict(snap["grad_spikes"])
         torch._foreach_copy_(self._buffer_snapshot, self.buffers)
 
-    # ------------------------------------------------------------------------------------------
-    # Checkpoints
+
+class Guard:
+    """Guards any PyTorch training loop (see the module docstring): the device half (`GuardedStep`)
+    and the framework-free host half (`GuardHost`). `scaler`: a `torch.amp.GradScaler` for fp16;
+    `schedule`: nanguard's device-side `LRSchedule` (without one, the optimizer's own lr is used, times
+    the policy's LR factor)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scaler=None,
+                 config: GuardConfig | None = None, policy: PolicyConfig | None = None,
+                 schedule: LRSchedule | None = None, incident_log: IncidentLog | NullIncidentLog | None = None,
+                 rank: int = 0, ranks: RankAgreement | None = None) -> None:
+        self.device_step = GuardedStep(model, optimizer, scaler=scaler, config=config, schedule=schedule, ranks=ranks)
+        self.config = self.device_step.config
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.params = self.device_step.params
+        self.incidents = incident_log or NullIncidentLog()
+        # the policy's decisions carried out: LR factor, snapshots staged and confirmed, rollback, stop
+        self.driver = PolicyDriver(policy or PolicyConfig(), self.incidents,
+                                   capture=self.device_step.capture, restore=self.device_step.restore)
+        self.host = GuardHost(self.driver, self.config, rank=ranks.rank if ranks is not None else rank)
+        self.steps_run = 0  # data positions consumed by this guard (the observation's `step`)
+
+    @property
+    def rank(self) -> int:
+        return self.host.mailbox.rank
+
+    @property
+    def policy_state(self) -> PolicyState:
+        return self.driver.policy_state
+
+    @property
+    def lr_factor(self) -> float:
+        return self.driver.lr_factor
+
+    @property
+    def stopped(self) -> bool:
+        return self.driver.stopped
+
+    def step(self, losses: dict[str, torch.Tensor], *, image_ids: tuple = (), annotation_ids: tuple = (),
+             batch: tuple[int, int] | None = None, invalid_targets: tuple = ()) -> list[Outcome]:
+        """Backward, check, agree, apply, send; returns the outcome of the previous step."""
+        context = StepContext(tuple(image_ids), tuple(annotation_ids), batch, tuple(invalid_targets))
+        return self.update(self.backward(losses), context)
+
+    def backward(self, losses: dict[str, torch.Tensor]) -> Backward:
+        return self.device_step.backward(losses)
+
+    def update(self, backward: Backward, context: StepContext = StepContext()) -> list[Outcome]:
+        step = self.steps_run
+        # the previous step's numbers are read before this step's update touches the state
+        self.host.read_previous()
+        vector = self.device_step.update(backward, lr_factor=self.host.lr_factor,
+                                         check_weights=self.host.check_weights(step))
+        self.steps_run += 1
+        return self.host.sent(step, backward.names, send(vector), context)
+
+    def skip_batch(self, error: BaseException, *, image_ids: tuple = (), annotation_ids: tuple = (),
+                   batch: tuple[int, int] | None = None) -> list[Outcome]:
+        """The model raised on a batch (or the batch could not be read): put back what its forward
+        wrote, drop its gradients, and report a `model_error` incident for the policy."""
+        self.device_step.discard()
+        step, self.steps_run = self.steps_run, self.steps_run + 1
+        return self.host.failed(step, error, StepContext(tuple(image_ids), tuple(annotation_ids), batch))
+
+    def flush(self) -> list[Outcome]:
+        """Read the pending observation now (before a checkpoint, at the end of a run). A sync, but not
+        on the per-step path."""
+        return self.host.flush()
 
     def state_dict(self) -> dict[str, Any]:
         """Flush first (`flush()`): a pending observation is not part of the state. The snapshots are
         not either: a process that resumes from the checkpoint starts from it (its base state)."""
-        return {
-            **self.driver.state_dict(self.steps_run),
-            "steps_run": self.steps_run,
-            "loss_spikes": self.loss_spikes.state_dict(),
-            "grad_spikes": self.grad_spikes.state_dict(),
-        }
-
-    def rebase(self, label: int, parts: dict[str, Any]) -> None:
-        """The state labelled `label` (after that step), given as the backend's checkpoint parts, is the
-        base now: older rollback targets go, as in a process that resumes from that checkpoint."""
-        self.driver.rebase(label, {
-            "model": parts["model"], "optimizer": parts["optimizer"], "schedule": parts["schedule"],
-            "scaler": parts["scaler"] or None, "loss_spikes": parts["guard"]["loss_spikes"],
-            "grad_spikes": parts["guard"]["grad_spikes"]})
+        return {**self.driver.state_dict(self.steps_run), "steps_run": self.steps_run,
+                "loss_spikes": self.device_step.loss_spikes.state_dict(),
+                "grad_spikes": self.device_step.grad_spikes.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """After the model, optimizer, schedule and scaler have loaded theirs."""
         self.steps_run = int(state["steps_run"])
-        self.loss_spikes.load_state_dict(state["loss_spikes"])
-        self.grad_spikes.load_state_dict(state["grad_spikes"])
-        torch._foreach_copy_(self._buffer_snapshot, self.buffers)
+        self.device_step.loss_spikes.load_state_dict(state["loss_spikes"])
+        self.device_step.grad_spikes.load_state_dict(state["grad_spikes"])
+        torch._foreach_copy_(self.device_step._buffer_snapshot, self.device_step.buffers)
         self.driver.load_state_dict(state, self.steps_run)  # the checkpoint is the base state
-        self.mailbox.take()
+        self.host.mailbox.take()

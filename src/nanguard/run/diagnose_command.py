@@ -1,5 +1,9 @@
 """`nanguard diagnose RUN_DIR [--incident STEP] [--json]`: the verdict on a run's incidents, from the
-evidence kept in RUN_DIR/incidents/<step>/ (replayed on this machine, which may be another one)."""
+evidence kept in RUN_DIR/incidents/<step>/ (replayed on this machine, which may be another one).
+
+A run command, like train and eval: it opens the run folder and builds a backend (both `nanguard.run`'s),
+then hands the evidence to `nanguard.explain.diagnose`. It lives in run, not explain, so that run
+imports explain and explain never imports run."""
 
 from __future__ import annotations
 

@@ -1,0 +1,64 @@
+"""Fault injection for MindSpore: the tensor work behind each device-side kind in
+`nanguard.guard.faults` (the host-side kinds, zero_box and lr_spike, are the run's). `GuardedTrainStep`
+built with `fault_hooks` has the Parameters the host writes between steps: `loss_poison` (multiplied
+into the loss components) and `grad_poison` (one scalar per weight, into its gradient)."""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from nanguard.errors import UserError
+from nanguard.guard.faults import StepFaults
+from nanguard.guard.faults import plain_id as _plain
+
+
+class MindSporeFaults:
+    """The faults of one step: `before(static, image_ids)` on the host arrays and the poison Parameters,
+    `after(check)` once the step ran (the poison put back; weight_bitflip)."""
+
+    def __init__(self, faults: StepFaults, step_cell, loss_names: tuple[str, ...]) -> None:
+        self.faults, self.step_cell, self.loss_names = faults, step_cell, loss_names
+        self.weights = list(step_cell.weights)
+
+    def before(self, static, image_ids: tuple) -> None:
+        """nan_input: a band of non-finite pixels in one image; loss_nan and grad_nan: the poison."""
+        f = self.faults
+        poison = np.ones(len(self.loss_names), np.float32)
+        for spec in f.specs:
+            if spec.kind == "nan_input":
+                i = f.pick(spec, len(image_ids), "image")
+                value = float(spec.param("value"))
+                static.images[i, :, : max(1, static.images.shape[2] // 4)] = value
+                f.record(spec, {"image_id": _plain(image_ids[i]), "value": str(value)})
+            elif spec.kind == "loss_nan":
+                name = spec.param("component")
+                if name in self.loss_names:
+                    poison[self.loss_names.index(name)] = float(spec.param("value"))
+                    f.record(spec, {"component": name})
+            elif spec.kind == "grad_nan":
+                k = f.pick(spec, len(self.weights), "param")
+                self.step_cell.grad_poison[k].set_data(Tensor(float(spec.param("value")), ms.float32))
+                f.record(spec, {"param_index": k})
+            elif spec.kind != "weight_bitflip":  # fp16_overflow: refused before the run (no fp16 here)
+                raise UserError(f"--inject {spec.kind}: not available with backend=mindspore")
+        if (poison != 1).any():
+            self.step_cell.loss_poison.set_data(Tensor(poison))
+
+    def after(self) -> None:
+        f = self.faults
+        if f.of("loss_nan", "grad_nan"):  # one step only
+            self.step_cell.loss_poison.set_data(Tensor(np.ones(len(self.loss_names), np.float32)))
+            for p in self.step_cell.grad_poison:
+                p.set_data(Tensor(1.0, ms.float32))
+        for spec in f.of("weight_bitflip"):
+            candidates = [i for i, p in enumerate(self.weights) if p.dtype == ms.float32 and int(np.prod(p.shape)) > 1]
+            k = candidates[f.pick(spec, len(candidates), "param")]
+            values = self.weights[k].asnumpy().copy()
+            flat = values.reshape(-1)
+            e = f.pick(spec, flat.size, "element")
+            bits = flat[e:e + 1].view(np.uint32)
+            bits ^= np.uint32(1 << int(spec.param("bit")))
+            self.weights[k].set_data(Tensor(values))
+            f.record(spec, {"param_index": k, "element": e, "bit": int(spec.param("bit"))})

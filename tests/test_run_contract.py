@@ -1,0 +1,68 @@
+"""The run against the `Backend` contract, on the numpy fake backend (tests/fake_backend.py): the guard's
+host half in the run (one step late, the policy's actions, snapshots, rollback), host-side faults, the
+order the run calls a backend in, and a resume that ends bit-identical."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from conftest import tiny_args
+
+from nanguard.cli import main
+
+STEPS = ["train.steps=12", "train.checkpoint_every=4", "policy.snapshot_confirm=1", "explain.auto=off"]
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run(out: Path, shapes: Path, *extra: str) -> dict:
+    assert main(["train", "--quiet", "--out", str(out), *tiny_args(shapes), *STEPS, *extra]) == 0
+    return json.loads((out / "final.json").read_text())
+
+
+def test_a_clean_run_calls_the_backend_in_the_contracts_order(fake_backend, shapes, tmp_path):
+    final = run(tmp_path / "run", shapes)
+    [backend] = fake_backend
+    assert backend.calls[:2] == ["check_config", "setup(train=True)"] and backend.calls[-1] == "close"
+    assert backend.calls.count("step") == 12
+    assert final["status"] == "completed" and final["weights_finite"] and final["runtime"] == {"backend": "fake"}
+    assert [r["step"] for r in lines(tmp_path / "run" / "metrics.jsonl")] == list(range(12))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())[-1] == "step_00000012.npz"
+
+
+def test_every_kind_is_acted_on_one_step_late_and_logged(fake_backend, shapes, tmp_path):
+    faults = ["--inject", "loss_nan@3", "--inject", "grad_nan@5", "--inject", "nan_input@7",
+              "--inject", "zero_box@8", "--inject", "lr_spike@9:factor=1e9"]
+    run(tmp_path / "run", shapes, *faults)
+    incidents = {r["step"]: r for r in lines(tmp_path / "run" / "incidents.jsonl")}
+    assert incidents[3]["kind"] == "nonfinite_loss" and incidents[3]["action"] == "skip"
+    assert incidents[5]["kind"] == "nonfinite_grad" and incidents[7]["kind"] == "nonfinite_loss"
+    assert incidents[8]["kind"] == "invalid_target" and incidents[8]["applied"]  # one box dropped, step applied
+    injected = [(r["step"], r["kind"]) for r in lines(tmp_path / "run" / "injections.jsonl")]
+    assert injected == [(3, "loss_nan"), (5, "grad_nan"), (7, "nan_input"), (8, "zero_box"), (9, "lr_spike")]
+    assert any(step > 9 for step in incidents)  # the 1e9 LR blows the weights up after the spike's update
+
+
+def test_stopped_and_resumed_ends_bit_identical(fake_backend, shapes, tmp_path):
+    """A backoff and a rollback before the stop and after it: the policy's state, the spike windows and
+    the rollback target (the checkpoint the resumed process starts from) carry over."""
+    longer = ["train.steps=24", "--inject", "loss_nan@2:count=7", "--inject", "loss_nan@13:count=7"]
+    straight = run(tmp_path / "straight", shapes, *longer)
+    actions = [(r["step"], r["action"]) for r in lines(tmp_path / "straight" / "incidents.jsonl")]
+    assert (4, "lr_backoff") in actions and (8, "rollback") in actions and (19, "rollback") in actions
+    out = tmp_path / "resumed"
+    assert main(["train", "--quiet", "--out", str(out), *tiny_args(shapes), *STEPS, *longer, "--steps", "12"]) == 0
+    assert main(["train", "--quiet", "--resume", str(out)]) == 0
+    resumed = json.loads((out / "final.json").read_text())
+    timing = ("train_seconds", "images_per_second")
+    assert {k: v for k, v in straight.items() if k not in timing} == {k: v for k, v in resumed.items() if k not in timing}
+    a, b = (np.load(p / "checkpoints" / "step_00000024.npz")["w"] for p in (tmp_path / "straight", out))
+    assert np.array_equal(a, b)
+    for name in ("incidents.jsonl", "metrics.jsonl"):
+        drop = ("images_per_second", "time")
+        assert [{k: v for k, v in r.items() if k not in drop} for r in lines(tmp_path / "straight" / name)] == \
+            [{k: v for k, v in r.items() if k not in drop} for r in lines(out / name)], name
