@@ -21,8 +21,9 @@ $(STAMP): requirements.txt pyproject.toml
 demo: install
 	$(VENV)/bin/nanguard train --config demo --out $(RUN) backend=$(BACKEND)
 
+# Two workers (this machine's 2 cores), a test module at a time each, the longest modules first (tests/conftest.py).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 bench: install
 	$(PY) benchmarks/throughput.py

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.snapshots):
             sync()
             started = time.perf_counter()
-            steppers["guarded"]._capture()  # what the guard does every policy.snapshot_every steps
+            steppers["guarded"].device_step.capture()  # what the guard does every policy.snapshot_every steps
             times.append(time.perf_counter() - started)
         every = cfg.policy.snapshot_every
         per_capture = statistics.median(times)

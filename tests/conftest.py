@@ -11,12 +11,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 COCO_TINY = Path(os.environ.get("NANGUARD_COCO_TINY", REPO.parent / "shared" / "data" / "coco_tiny"))
 
-# A tiny Faster R-CNN on 64-px images: a step takes ~0.1 s here.
+# A tiny Faster R-CNN on 64-px images.
 TINY = [
     "model.min_size=64", "model.max_size=64", "model.rpn_pre_nms_top_n_train=100",
     "model.rpn_post_nms_top_n_train=50", "model.rpn_pre_nms_top_n_test=50", "model.rpn_post_nms_top_n_test=30",
     "model.box_batch_size_per_image=32", "train.batch_size=2", "train.warmup_steps=2", "train.log_every=1",
     "data.prefetch=1", "eval.batch_size=8", "train.threads=1",
+    "explain.auto=off",  # replaying incidents is explain's tests' business; they turn it on
 ]
 
 
@@ -80,3 +81,15 @@ def fake_backend(monkeypatch):
 
     monkeypatch.setattr(backends, "create_backend", create)
     return built
+
+
+# The modules that take longest (trainings, compiles, launches), longest first: `make test` runs them
+# first, so that its two workers (`-n 2 --dist loadscope`) finish together instead of one waiting on
+# the other's last long module. An order only: every test runs either way.
+LONGEST_FIRST = ("test_mindspore_backend", "test_distributed", "test_mindspore_model", "test_benchmarks_smoke",
+                 "test_train", "test_kill9", "test_e2e_guard", "test_explain", "test_mindspore_step")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))

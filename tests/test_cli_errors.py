@@ -1,22 +1,39 @@
-"""Bad input: exit 2, one line on stderr naming the file or key and the fix, no traceback."""
+"""Bad input: exit 2, one line on stderr naming the file or key and the fix, no traceback. The commands
+run in this process (`nanguard.cli.main`, whose error handling is what is tested); one runs through the
+console entry point in a child, as a user's shell runs it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, tiny_args
 
+from nanguard.cli import main
 
-def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """`nanguard ARGS` in this process: its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's own usage errors
+            code = exit_.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def test_the_console_entry_point_exits_2_with_one_line():
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    return subprocess.run([sys.executable, "-m", "nanguard.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "nanguard.cli", "train", "--quiet", "train.lrr=0.1"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    _assert_user_error(result, "train.lrr", "train.lr")
 
 
 def _assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -50,17 +50,6 @@ def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["backend"]["model"]
 
 
-def test_a_gradient_fault_on_rank_1_is_skipped_by_both_and_named(shapes, tmp_path):
-    run = tmp_path / "grad"
-    train(run, shapes, "train.steps=8", "--inject", "grad_nan@5:rank=1")
-    incidents = lines(run / "incidents.jsonl")
-    assert [(r["step"], r["kind"], r["action"], r["bad_ranks"], r["applied"]) for r in incidents] == [
-        (5, "nonfinite_grad", "skip", [1], False)]
-    digests = final(run)["rank_param_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1] and final(run)["status"] == "completed"
-    assert len(incidents[0]["image_ids"]) == 2  # rank 1's two images, not the global batch of four
-
-
 def test_faults_on_different_ranks_are_acted_on_together(shapes, tmp_path):
     run = tmp_path / "both"
     train(run, shapes, "train.steps=14", "policy.snapshot_every=4", "policy.snapshot_healthy=1",
@@ -86,9 +75,16 @@ def test_a_flipped_sign_bit_on_one_rank_is_a_divergence_rolled_back(shapes, tmp_
     assert final(run)["rank_param_digests"][0] == final(run)["rank_param_digests"][1]
 
 
-def test_stopped_and_resumed_on_two_ranks_is_bit_identical(shapes, tmp_path):
+def test_a_gradient_fault_on_rank_1_is_skipped_by_both_named_and_resumed_bit_identically(shapes, tmp_path):
     common = ["train.steps=12", "train.checkpoint_every=3", "policy.snapshot_confirm=1", "--inject", "grad_nan@4:rank=1"]
     train(tmp_path / "straight", shapes, *common)
+    incidents = lines(tmp_path / "straight" / "incidents.jsonl")
+    assert [(r["step"], r["kind"], r["action"], r["bad_ranks"], r["applied"]) for r in incidents] == [
+        (4, "nonfinite_grad", "skip", [1], False)]
+    assert len(incidents[0]["image_ids"]) == 2  # rank 1's two images, not the global batch of four
+    digests = final(tmp_path / "straight")["rank_param_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1] and final(tmp_path / "straight")["status"] == "completed"
+    # stopped at step 6 and resumed on two ranks: bit-identical to the straight run
     train(tmp_path / "resumed", shapes, *common, "--steps", "6")
     done = nanguard("train", "--nproc", "2", "--quiet", "--resume", str(tmp_path / "resumed"))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -114,7 +114,8 @@ def copy_data(src: Path, dst: Path) -> Path:
 
 # ------------------------------------------------------------------------------- a. exact resume
 
-RESUME = ["train.steps=16", "train.checkpoint_every=8", "data.audit=off",
+RESUME = ["explain.auto=first",  # resumed explaining: the first incident of each kind, once
+          "train.steps=16", "train.checkpoint_every=8", "data.audit=off",
           # the spike detector judges from the 4th value on, so its windows are live at the checkpoint
           "guard.spike_min_history=3", "guard.spike_window=8",
           # every bad step lowers the LR; it is still recovering (factor < 1) at the checkpoint

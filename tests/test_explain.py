@@ -20,7 +20,7 @@ FAULTS = ["zero_box@1", "nan_input@3", "grad_nan@6", "loss_nan@9:component=loss_
 
 def train(run: Path, data: Path, *extra: str) -> int:
     return main(["train", "--quiet", "--out", str(run), *tiny_args(data), "train.eval_at_end=false",
-                 "data.audit=off", *extra])
+                 "data.audit=off", "explain.auto=first", *extra])
 
 
 def lines(path: Path) -> list[dict]:

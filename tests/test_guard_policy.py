@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from nanguard.errors import UserError
 from nanguard.fileio import dumps
-from nanguard.guard import OBSERVATION_LAG, Decision, Observation, PolicyConfig, PolicyState, decide, explain
+from nanguard.guard import OBSERVATION_LAG, Decision, Observation, PolicyConfig, PolicyState, decide, stop_verdict
 
 NAN = float("nan")
 INF = float("inf")
@@ -282,11 +282,11 @@ def test_verdicts():
     config = PolicyConfig()
     spikes = [Observation(step=s, loss_spike=True, lr=0.02, applied=False) for s in range(3)]
     _, state = run([good(0, lr=0.02)] + [replace(o, step=o.step + 1) for o in spikes], config)
-    assert "after LR warmup" in explain(state, config)
-    assert "lower train.lr" in explain(state, config)
+    assert "after LR warmup" in stop_verdict(state, config)
+    assert "lower train.lr" in stop_verdict(state, config)
     _, state = run([good(0), Observation(step=1, nonfinite_grad=True, grad_norm=INF)])
-    assert "transient" in explain(state)
-    assert explain(PolicyState()) == "no incidents in the window"
+    assert "transient" in stop_verdict(state)
+    assert stop_verdict(PolicyState()) == "no incidents in the window"
 
 
 def test_config_validation_and_round_trip():
@@ -449,11 +449,11 @@ def test_verdicts_read_the_loss_profile_not_a_fixed_detector():
     both = {"loss_a": NAN, "loss_b": NAN}
     config = PolicyConfig(loss_profile="generic", backoff_after=50, rollback_after=50)
     _, state = run([bad(s, losses=both, image_ids=(s,)) for s in range(6)], config)
-    assert "every loss component non-finite" in explain(state, config)
+    assert "every loss component non-finite" in stop_verdict(state, config)
     box_only = [bad(s, losses={"loss_box_reg": NAN, "loss_classifier": 0.3}, image_ids=(s,)) for s in range(6)]
     _, state = run(box_only, PolicyConfig(backoff_after=50, rollback_after=50))
-    assert "degenerate or non-finite boxes" in explain(state)
+    assert "degenerate or non-finite boxes" in stop_verdict(state)
     _, state = run(box_only, config)
-    assert "boxes" not in explain(state, config)
+    assert "boxes" not in stop_verdict(state, config)
     with pytest.raises(UserError, match="policy.loss_profile"):
         PolicyConfig(loss_profile="yolo")

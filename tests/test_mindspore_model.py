@@ -122,6 +122,10 @@ def test_resnet50_fpn_converts_and_gives_the_same_features_rpn_and_box_head(trai
     ms_logits, _ = m.roi_heads.box_predictor(m.roi_heads.box_head(m.pool(got, Tensor(boxes.numpy().reshape(2, 2, 4)))))
     np.testing.assert_allclose(ms_logits.asnumpy(), logits.numpy(), rtol=1e-3, atol=1e-3)
     t.eval()
+    # the evaluation path of this backbone (nanguard eval on a resnet50_fpn run): boxes, best first
+    m.set_train(False)
+    found, scores, _, ok = (v.asnumpy() for v in m.detect(Tensor(x)))
+    assert np.isfinite(found[ok]).all() and (np.diff(scores, axis=1) <= 0).all()
 
 
 def test_roi_align_and_the_box_head_match_on_the_same_rois(pair):

@@ -66,3 +66,13 @@ def test_stopped_and_resumed_ends_bit_identical(fake_backend, shapes, tmp_path):
         drop = ("images_per_second", "time")
         assert [{k: v for k, v in r.items() if k not in drop} for r in lines(tmp_path / "straight" / name)] == \
             [{k: v for k, v in r.items() if k not in drop} for r in lines(out / name)], name
+
+
+def test_unguarded_nothing_is_decided_and_numbers_are_read_every_log_every_steps(fake_backend, shapes, tmp_path):
+    """guard.enabled=false: the step is the plain one (a NaN gradient goes into the weights), the run
+    reads the step's numbers only on the train.log_every grid and at the end, and writes no incident."""
+    final = run(tmp_path / "plain", shapes, "guard.enabled=false", "train.log_every=5", "--inject", "grad_nan@2")
+    assert final["status"] == "completed" and final["skipped_steps"] == 0 and final["incidents"] == 0
+    assert not final["weights_finite"]
+    assert [r["step"] for r in lines(tmp_path / "plain" / "metrics.jsonl")] == [0, 5, 10, 11]
+    assert not (tmp_path / "plain" / "incidents.jsonl").exists() or lines(tmp_path / "plain" / "incidents.jsonl") == []

@@ -68,12 +68,24 @@ def test_a_second_writer_is_refused_naming_the_holder(shapes, tmp_path, capsys):
     assert main(["train", "--quiet", "--resume", str(run)]) == 0  # released: it resumes
 
 
+# `nanguard train` in a child process on the numpy fake backend (tests/fake_backend.py)
+FAKE_CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+import nanguard.run.backend as backends
+from fake_backend import FakeBackend
+backends.create_backend = lambda name, device: FakeBackend(device)
+from nanguard.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_two_runs_into_the_same_new_folder(shapes, tmp_path):
     """Started at once: exactly one trains, the other exits 2 and damages nothing."""
     run = tmp_path / "race"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    args = [sys.executable, "-m", "nanguard.cli", "train", "--quiet", "--out", str(run), *tiny_args(shapes),
-            *SHORT]
+    args = [sys.executable, "-c", FAKE_CHILD.format(tests=str(REPO / "tests")), "train", "--quiet", "--out", str(run),
+            *tiny_args(shapes), "train.steps=40", "train.checkpoint_every=20", "train.eval_at_end=false"]
     children = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
     results = sorted((child.wait(timeout=300), child.stderr.read().decode()) for child in children)
     assert [code for code, _ in results] == [0, 2], results
@@ -81,7 +93,7 @@ def test_two_runs_into_the_same_new_folder(shapes, tmp_path):
     # the winner's lock and the winner's pid written into the lock file; or it came second altogether
     assert "in use by" in results[1][1] or "already holds a run" in results[1][1]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) == list(range(4))  # one writer: no interleaved lines
+    assert steps == sorted(set(steps)) == list(range(40))  # one writer: no interleaved lines
 
 
 def test_kill_9_leaves_no_stale_lock(tmp_path):

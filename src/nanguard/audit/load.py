@@ -46,7 +46,7 @@ class _Annotation(msgspec.Struct, gc=False):
     id: int | None = None
     image_id: int | None = None
     category_id: int | None = None
-    # A tuple decodes ~1.5x faster than a list and any length still decodes (a 3-number bbox is a finding).
+    # A tuple decodes faster than a list and any length still decodes (a 3-number bbox is a finding).
     bbox: tuple[float, ...] | None = None
     area: float | None = None
     iscrowd: Any = None  # any type: a `true` must not push the whole file off the typed path
@@ -293,9 +293,9 @@ def load(path: str | Path, *, keep_document: bool = False) -> Loaded:
 def _load(path: Path, keep_document: bool) -> Loaded:
     typed, count = _decode_typed(path)
     if typed is not None and None not in (typed.images, typed.annotations, typed.categories):
-        # Columns from compact structs take ~0.5 s per million annotations; from a million dicts
-        # scattered among their segmentation lists, ~4 s. So even with the full document wanted, the
-        # typed decode builds the columns, and is freed before the full decode.
+        # Columns from compact structs are several times faster to build than from a million dicts
+        # scattered among their segmentation lists (benchmarks/audit_speed.py). So even with the full
+        # document wanted, the typed decode builds the columns, and is freed before the full decode.
         columns = _columns_from_typed(typed, count)
         del typed
         if not keep_document:

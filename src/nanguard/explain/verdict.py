@@ -272,7 +272,7 @@ def _lr_divergence(evidence: list[str], facts: ReplayFacts, lr: float | None, re
         ratio = f": the gradient norm reached {grad:.4g}"
     step_lr = _number(record.get("lr"))
     current = lr if lr is not None else step_lr
-    advice = (f"lower train.lr" + (f" from {current:g} (e.g. to {current / 4:g})" if current and math.isfinite(current) else "")
+    advice = ("lower train.lr" + (f" from {current:g} (e.g. to {current / 4:g})" if current and math.isfinite(current) else "")
               + f"{ratio}; or lengthen train.warmup_steps / lower guard.clip_norm. {why.capitalize()}.")
     return Diagnosis("lr_divergence", phase=phase, evidence=evidence, advice=advice,
                      loss_component=_first_component(facts.nonfinite_components))

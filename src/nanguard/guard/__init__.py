@@ -34,7 +34,7 @@ from nanguard.guard.policy import (
     PolicyConfig,
     PolicyState,
     decide,
-    explain,
+    stop_verdict,
 )
 from nanguard.guard.spikes import SpikeDetector, lower_median
 
@@ -63,7 +63,6 @@ __all__ = [
     "PolicyState",
     "SpikeDetector",
     "decide",
-    "explain",
     "incident_record",
     "is_bad",
     "lower_median",
@@ -71,5 +70,6 @@ __all__ = [
     "read_incidents",
     "read_injections",
     "step_vector",
+    "stop_verdict",
     "register_fault_kind",
 ]

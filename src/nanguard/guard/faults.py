@@ -31,7 +31,7 @@ from typing import Any
 
 from nanguard.errors import UserError
 from nanguard.fileio import append_jsonl, json_safe, read_jsonl
-from nanguard.guard.observation import LOSS_COMPONENTS
+from nanguard.guard.observation import LOSS_COMPONENTS, json_id
 
 SPEC_FORMAT = "KIND@STEP[:key=value...], e.g. loss_nan@120:component=loss_box_reg"
 
@@ -334,11 +334,6 @@ def read_injections(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return read_jsonl(path / "injections.jsonl" if path.is_dir() else path)
 
 
-def plain_id(value):
-    """An image id as injections.jsonl records it: ints and strings as they are, anything else as text."""
-    return value if isinstance(value, (int, str)) or value is None else str(value)
-
-
 # The kinds the run injects itself, on the host batch and the LR factor; the rest are a backend's
 # (`nanguard.run.backend.Injects`): they act on device tensors.
 HOST_KINDS = frozenset({"zero_box", "lr_spike"})
@@ -386,7 +381,7 @@ def inject_host(faults: StepFaults, batch):
         j = faults.pick(spec, len(boxes[i]), "box")
         boxes[i][j, 2] = boxes[i][j, 0]  # x2 = x1: a zero-width box
         batch = replace(batch, boxes=boxes)
-        faults.record(spec, {"image_id": plain_id(batch.image_ids[i]), "box": j})
+        faults.record(spec, {"image_id": json_id(batch.image_ids[i]), "box": j})
     factor = 1.0
     for spec in faults.of("lr_spike"):
         factor *= float(spec.param("factor"))

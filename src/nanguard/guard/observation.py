@@ -113,7 +113,7 @@ class Observation:
         # Ids go into JSON and checkpoints: plain ints or strings, in a tuple (a list, or a numpy
         # integer from a loader, would not survive strict JSON or hashing).
         for name in ("image_ids", "annotation_ids", "invalid_targets"):
-            object.__setattr__(self, name, tuple(_plain_id(i) for i in getattr(self, name)))
+            object.__setattr__(self, name, tuple(json_id(i) for i in getattr(self, name)))
 
     @classmethod
     def from_vector(cls, step: int, names: tuple[str, ...], values: list[float], **context: Any) -> Observation:
@@ -227,11 +227,13 @@ def _fmt(value: Any) -> str:
         return str(value)
 
 
-def _plain_id(value: Any) -> int | str | tuple:
+def json_id(value: Any) -> int | str | tuple:
+    """An id as nanguard writes it into JSON and checkpoints: ints and strings as they are, a numpy
+    integer as an int, groups (the annotation ids of an image) as tuples, anything else as text."""
     if isinstance(value, (int, str)) and not isinstance(value, bool):
         return value
     if isinstance(value, (tuple, list)):  # annotation ids come grouped per image, aligned with image_ids
-        return tuple(_plain_id(v) for v in value)
+        return tuple(json_id(v) for v in value)
     if hasattr(value, "__index__"):
         return int(value.__index__())
     return str(value)

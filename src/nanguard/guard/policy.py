@@ -344,7 +344,7 @@ def _rollback(state: PolicyState, new_state: PolicyState, obs: Observation, conf
 
 def _stop(state: PolicyState, config: PolicyConfig, reason: str,
           common: dict[str, Any]) -> tuple[Decision, PolicyState]:
-    verdict = explain(state, config)
+    verdict = stop_verdict(state, config)
     state = replace(state, stopped=True, stop_reason=reason, stop_verdict=verdict)
     return Decision(action="stop", reason=reason, lr_factor=state.lr_factor, verdict=verdict,
                     **common), state
@@ -376,7 +376,7 @@ def _max_lr(current: float, lr: float) -> float:
     return max(current, lr) if math.isfinite(lr) else current
 
 
-def explain(state: PolicyState, config: PolicyConfig | None = None) -> str:
+def stop_verdict(state: PolicyState, config: PolicyConfig | None = None) -> str:
     """The most likely cause of the bad steps in the window and what to change (a stop's verdict; also
     usable at the end of any run)."""
     config = config or PolicyConfig()

@@ -2,7 +2,7 @@
 `nanguard.backends.mindspore.step`.
 
 Importing this package caps MindSpore's own oneDNN at AVX2 on x86 CPUs (its float32 3x3 convolution
-falls to a scalar kernel with AVX-512, ~100x slower); `runtime.py` says why and how to opt out."""
+falls to a scalar kernel with AVX-512); `runtime.py` says why and how to opt out."""
 
 from nanguard.backends.mindspore.runtime import cap_onednn_isa
 

@@ -14,8 +14,11 @@ not diagnosed), data parallel.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,13 @@ from nanguard.run.backend import StepNumbers
 from nanguard.run.ranks import Ranks
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+# A folder: the train step's compiled graph is kept in it, by config, and loaded by later processes of
+# the same config (a resumed run, a rerun) instead of compiled again (`_compile_cache`).
+COMPILE_CACHE = "NANGUARD_MINDSPORE_COMPILE_CACHE"
+# Settings that change no compiled graph (file names, cadences, what happens after training).
+_NOT_IN_GRAPH = {"data": None, "eval": None, "explain": None, "inject": None, "policy": None,
+                 "train": ("log_every", "tensorboard", "checkpoint_every", "keep_checkpoints", "eval_at_end",
+                           "threads")}
 MAX_BOXES = 32  # ground-truth slots per image; boxes beyond are reported (a note), not trained on
 
 
@@ -109,6 +119,7 @@ class MindSporeBackend:
                                           checks=cfg.guard.enabled, param_check_every=cfg.guard.param_check_every)
         self.rng = np.random.default_rng(cfg.seed)  # the samplers' noise
         self._armed = None  # MindSporeFaults of the next step
+        self._cached = False  # the compile cache was used (the first step only)
 
     # ---------------------------------------------------------------------------------------------
     # The step
@@ -131,13 +142,43 @@ class MindSporeBackend:
             self._lr_factor = lr_factor
         noise = self.rng.random((len(batch.images), self.model.noise_size()), dtype=np.float32)
         between()  # one compiled cell: the previous step is read before it, when nothing of it has run
-        components, vector = self.step_cell(Tensor(static.images), Tensor(static.boxes), Tensor(static.labels),
-                                            Tensor(static.valid), Tensor(noise))
+        with self._compile_cache():
+            components, vector = self.step_cell(Tensor(static.images), Tensor(static.boxes), Tensor(static.labels),
+                                                Tensor(static.valid), Tensor(noise))
         if check_weights and self.cfg.guard.enabled and self.cfg.guard.param_check_every > 1:
             vector = self.step_cell.check_weights(vector)  # on the grid, and the state a snapshot keeps
         if armed is not None:
             armed.after()  # after the weight check: a bit flip lands after the update, as on torch
         return StepNumbers(LOSS_NAMES, send(components, vector), dropped)
+
+    @contextlib.contextmanager
+    def _compile_cache(self):
+        """With NANGUARD_MINDSPORE_COMPILE_CACHE=DIR, the first step's compile goes through MindSpore's
+        compile cache in DIR/<key of the settings that shape the graph>. MindSpore 2.10 finds a cached
+        graph by the order the process compiled it in, not by what it is: so only the train step is
+        cached (the first graph a `nanguard train` process compiles), in a folder no other graph or
+        config shares; everything else compiles as usual."""
+        root = os.environ.get(COMPILE_CACHE)
+        # MindSpore hashes the running script (sys.argv[0]) into the cache's key: none under `python -c`
+        if not root or self._cached or not Path(sys.argv[0]).is_file():
+            yield
+            return
+        self._cached = True
+        settings = self.cfg.to_dict()
+        for key, fields in _NOT_IN_GRAPH.items():
+            if fields is None:
+                settings.pop(key)
+            else:
+                settings[key] = {k: v for k, v in settings[key].items() if k not in fields}
+        settings.update(faults=bool(self.cfg.inject), mode=self.ms.get_context("mode"), version=self.ms.__version__,
+                        script=str(Path(sys.argv[0]).resolve()))  # each entry point a folder: no thrashing
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        os.environ.update(MS_COMPILER_CACHE_ENABLE="1", MS_COMPILER_CACHE_PATH=str(Path(root) / f"train_step-{key}"))
+        try:
+            yield
+        finally:
+            for name in ("MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"):
+                os.environ.pop(name, None)
 
     def arm(self, faults: StepFaults) -> None:
         from nanguard.backends.mindspore.faults import MindSporeFaults
@@ -179,7 +220,7 @@ class MindSporeBackend:
         backend = state["backend"]
         meta = {k: v for k, v in state.items() if k != "backend"}
         meta["backend"] = {k: v for k, v in backend.items() if k != "arrays"}
-        save_checkpoint(path, backend["arrays"], json.loads(json.dumps(meta, default=_plain_json)))
+        save_checkpoint(path, backend["arrays"], json.loads(json.dumps(meta, default=_json_default)))
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         from nanguard.backends.mindspore.checkpoint import load_checkpoint
@@ -223,7 +264,7 @@ class MindSporeBackend:
         pass
 
 
-def _plain_json(value):
+def _json_default(value):
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, np.floating):

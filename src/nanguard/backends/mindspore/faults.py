@@ -11,7 +11,7 @@ from mindspore import Tensor
 
 from nanguard.errors import UserError
 from nanguard.guard.faults import StepFaults
-from nanguard.guard.faults import plain_id as _plain
+from nanguard.guard.observation import json_id
 
 
 class MindSporeFaults:
@@ -31,7 +31,7 @@ class MindSporeFaults:
                 i = f.pick(spec, len(image_ids), "image")
                 value = float(spec.param("value"))
                 static.images[i, :, : max(1, static.images.shape[2] // 4)] = value
-                f.record(spec, {"image_id": _plain(image_ids[i]), "value": str(value)})
+                f.record(spec, {"image_id": json_id(image_ids[i]), "value": str(value)})
             elif spec.kind == "loss_nan":
                 name = spec.param("component")
                 if name in self.loss_names:

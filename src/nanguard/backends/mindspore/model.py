@@ -311,8 +311,7 @@ def roi_align(feature: Tensor, boxes: Tensor, scale: float, weight: Tensor, bins
     `Py @ feature @ Px.T` with one interpolation matrix per axis (`_interpolation`), so RoIAlign is two
     matrix products and its gradient is the products' own. MindSpore 2.10's ops.ROIAlign is not used: on
     the CPU its gradient differs from the derivative of its own forward by up to ~3 % (checked against
-    finite differences, which agree with torchvision's gradient), and it costs ~0.4 s a level for 1,024
-    boxes of 64 channels."""
+    finite differences, which agree with torchvision's gradient), and it is slow there."""
     batch, channels, height, width = feature.shape
     rois = boxes.shape[1]
     boxes = ops.stop_gradient(boxes) * scale

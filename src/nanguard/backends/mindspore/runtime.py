@@ -5,9 +5,8 @@
 
 **oneDNN's ISA on x86 CPUs.** MindSpore 2.10's own oneDNN (`mindspore/lib/libdnnl.so.3`) runs a float32
 3x3 convolution in NCHW with a reference (scalar) kernel on CPUs with AVX-512: `ONEDNN_VERBOSE=1` prints
-`jit_uni_ncsp:conv+ref:any`. Measured on this project's 2-core Xeon VM: a 64->64 3x3 convolution on
-[8, 64, 32, 32] takes 1.5-2.4 s, and 0.013-0.016 s with the ISA capped at AVX2 (`x64:gemm:jit`), about
-100x. Importing `nanguard.backends.mindspore` therefore caps MindSpore's oneDNN at AVX2 through its C API
+`jit_uni_ncsp:conv+ref:any`, two orders of magnitude slower than with the ISA capped at AVX2
+(`x64:gemm:jit`; the README has the measurement). Importing `nanguard.backends.mindspore` therefore caps MindSpore's oneDNN at AVX2 through its C API
 (`dnnl_set_max_cpu_isa`), before its first primitive. Only MindSpore's copy of the library is touched:
 torch links its own oneDNN, and an environment variable would cap that one too (torch's CPU step was
 slower with it). A user's own `ONEDNN_MAX_CPU_ISA` or `DNNL_MAX_CPU_ISA` is left to decide.

@@ -146,16 +146,15 @@ class GuardedTrainStep(nn.Cell):
                included). N > 1 leaves that check out of the step (its flags read "not checked") and
                `check_weights(vector)`, a separate compiled cell, does it: call it on the steps you want
                checked, e.g. every N-th (the run does, and before a rollback snapshot). A bad weight is a
-               corruption that no skip can undo, found within N steps; the step is ~4 % faster on the
-               tiny detector on a CPU (one reduction per weight tensor, every step).
+               corruption that no skip can undo, found within N steps; the step saves one reduction per
+               weight tensor (the README's Numbers table has what that is worth).
     skip_with: how a bad step's update is left out. "branch" (the default in graph mode): the graph's
                own `if` around the optimizer, as `TrainOneStepWithLossScaleCell` does: compiled control
                flow, no Python; on a CPU the runtime reads the flag where it is. Only the BatchNorm
                statistics are saved and selected back. "select" (the default in PyNative, where an
                `if` on a tensor waits for it): the optimizer always runs and every state Parameter is
                saved before and selected back after, with no control flow at all. The same state
-               either way; "branch" saves copying all state twice a step (~5 % of the tiny
-               detector's step on a CPU). Under a kernel-by-kernel runtime on GPU or Ascend the branch
+               either way; "branch" saves copying all state twice a step. Under a kernel-by-kernel runtime on GPU or Ascend the branch
                makes the launcher wait for the flag; "select" does not.
 
     Calling it returns (components: float32[C], vector: float64[len(STEP_FIELDS)]).
@@ -384,7 +383,7 @@ class _WeightCheck(nn.Cell):
 
 def _keep_unless(skip: Tensor, param: Parameter, shadow: Parameter) -> Tensor:
     # where with the flag broadcast first: ops.select with a 0-dim condition is MindSpore's slow path
-    # on the CPU (0.33 s a step for the tiny detector's 495 state tensors, ~0 this way)
+    # on the CPU (a large share of the tiny detector's step over its state tensors; nothing this way)
     return ops.assign(param, ops.where(ops.broadcast_to(skip, param.shape), shadow, param))
 
 

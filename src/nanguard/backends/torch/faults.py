@@ -12,7 +12,7 @@ import torch
 from nanguard.backends.torch.step import NoHooks
 from nanguard.guard import FaultPlan, FaultSpec
 from nanguard.guard.faults import HOST_KINDS
-from nanguard.guard.faults import plain_id as _plain
+from nanguard.guard.observation import json_id
 
 
 class TorchFaults(NoHooks):
@@ -30,7 +30,7 @@ class TorchFaults(NoHooks):
             i = self.plan.pick(spec, self.step, len(images), "image")
             value = float(spec.param("value"))
             images[i][:, : max(1, images[i].shape[1] // 4)] = value  # a band of non-finite pixels
-            self.log.record(self.step, spec, self.rank, {"image_id": _plain(image_ids[i]), "value": str(value)})
+            self.log.record(self.step, spec, self.rank, {"image_id": json_id(image_ids[i]), "value": str(value)})
 
     def on_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for spec in self._of("loss_nan"):

@@ -245,7 +245,7 @@ class GuardedStep:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf, self.optimizer.grad_scale
-        else:  # copy, step, put back where skipped (the +6.7% path; prefer fused optimizers)
+        else:  # copy, step, put back where skipped (the slower path: prefer fused optimizers)
             state = optimizer_state_tensors(self.optimizer)
             before = [t.detach().clone() for t in self.params + state]
             self.optimizer.step()
