@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# One compute thread per process: `make test` runs two workers on two cores, and the trainings they
+# start are processes of their own; OpenMP threads beyond the cores spin and slow everything down.
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
 REPO = Path(__file__).resolve().parents[1]
 COCO_TINY = Path(os.environ.get("NANGUARD_COCO_TINY", REPO.parent / "shared" / "data" / "coco_tiny"))
 

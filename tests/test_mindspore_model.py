@@ -253,14 +253,14 @@ def test_it_learns_under_the_guard_in_graph_mode():
     rng = np.random.default_rng(0)
     x, (gt, labels, valid) = draw(), targets()
     seen = []
-    for i in range(60):
+    for i in range(30):  # the last 5 losses' mean: 0.16-0.34 of the first from step 20 to 60 here
         noise = Tensor(rng.random((2, m.noise_size())).astype(np.float32))
         seen += reader.push(i, *step(x, gt, labels, valid, noise))
     seen += reader.flush()
     assert all(o.applied for o in seen)
     first, last = seen[0].total_loss, np.mean([o.total_loss for o in seen[-5:]])
     assert last < 0.5 * first, [round(o.total_loss, 3) for o in seen]
-    # detect with batch statistics: after 60 steps on two 64-px images the deepest maps are 2x2, and
+    # detect with batch statistics: after 30 steps on two 64-px images the deepest maps are 2x2, and
     # BatchNorm's moving statistics do not describe them yet (eval mode is the demo's business)
     ms.set_context(mode=ms.PYNATIVE_MODE)
     boxes, scores, classes, ok = (t.asnumpy() for t in m.detect(x))
