@@ -328,3 +328,18 @@ def test_the_loss_scaler_adapter_reads_the_pinned_grad_scaler_right():
     adapter.backward(two_losses(model, images, labels)["loss_classifier"] * 1e36)  # overflows float32
     assert bool(adapter.found_inf(torch.device("cpu")))
     assert adapter.update_unless(torch.tensor(False)).item() == scale * scaler.get_backoff_factor()
+
+
+def test_a_model_without_batchnorm_is_guarded_too():
+    """No BatchNorm: no buffers to save and put back (torch's foreach ops refuse an empty list)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    guard = Guard(model, optimizer)
+    images, labels = batch(0)
+    guard.step({"loss": nn.functional.cross_entropy(model(images), labels)})
+    before = snapshot(model, optimizer)
+    guard.step({"loss": nn.functional.cross_entropy(model(images * float("nan")), labels)})
+    [bad] = guard.flush()
+    assert bad.decision.action == "skip" and not bad.observation.applied
+    assert changed(before, snapshot(model, optimizer)) == []

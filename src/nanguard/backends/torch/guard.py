@@ -74,6 +74,13 @@ def pack(components: torch.Tensor, values: dict[str, torch.Tensor], rank_flags: 
     return torch.cat(parts + ([rank_flags.float()] if rank_flags is not None else []))
 
 
+def _copy(into: list[torch.Tensor], source: list[torch.Tensor]) -> None:
+    """`into[i] = source[i]` for every tensor; a model without BatchNorm has none (torch's foreach ops
+    refuse an empty list)."""
+    if into:
+        torch._foreach_copy_(into, source)
+
+
 def send(vector: torch.Tensor) -> Callable[[], list[float]]:
     """Start the step vector's copy to the host without blocking; the returned callable (the
     `Mailbox`'s `read_values`) waits for that copy alone and gives the numbers as floats. On a GPU the
@@ -144,7 +151,7 @@ class GuardedStep:
     def discard(self) -> None:
         """The model raised on a batch: put back what its forward wrote and drop its gradients."""
         self.optimizer.zero_grad(set_to_none=True)
-        torch._foreach_copy_(self.buffers, self._buffer_snapshot)
+        _copy(self.buffers, self._buffer_snapshot)
 
     def _check(self, b: Backward) -> dict[str, torch.Tensor]:
         """This rank's flags, as 0-dim device tensors (nothing here is read on the host)."""
@@ -215,7 +222,7 @@ class GuardedStep:
         elif stateless:
             self._lazy_state = False
         self._restore_where(skip, self.buffers, self._buffer_snapshot)
-        torch._foreach_copy_(self._buffer_snapshot, self.buffers)  # the state the next forward starts from
+        _copy(self._buffer_snapshot, self.buffers)  # the state the next forward starts from
         if self.schedule is not None:
             self.schedule.advance(~skip)
         values = {k: v for k, v in checks.items() if k not in ("incident", "components", "rank_flags")}
@@ -293,7 +300,7 @@ class GuardedStep:
         self.scaler.load_state_dict(snap["scaler"])
         self.loss_spikes.load_state_dict(snap["loss_spikes"])
         self.grad_spikes.load_state_dict(snap["grad_spikes"])
-        torch._foreach_copy_(self._buffer_snapshot, self.buffers)
+        _copy(self._buffer_snapshot, self.buffers)
 
 
 class Guard:
@@ -318,20 +325,12 @@ class Guard:
         self.steps_run = 0  # data positions consumed by this guard (the observation's `step`)
 
     @property
-    def rank(self) -> int:
-        return self.host.mailbox.rank
-
-    @property
     def policy_state(self) -> PolicyState:
         return self.driver.policy_state
 
     @property
-    def lr_factor(self) -> float:
-        return self.driver.lr_factor
-
-    @property
     def stopped(self) -> bool:
-        return self.driver.stopped
+        return self.host.stopped
 
     def step(self, losses: dict[str, torch.Tensor], *, image_ids: tuple = (), annotation_ids: tuple = (),
              batch: tuple[int, int] | None = None, invalid_targets: tuple = ()) -> list[Outcome]:
@@ -376,6 +375,6 @@ class Guard:
         self.steps_run = int(state["steps_run"])
         self.device_step.loss_spikes.load_state_dict(state["loss_spikes"])
         self.device_step.grad_spikes.load_state_dict(state["grad_spikes"])
-        torch._foreach_copy_(self.device_step._buffer_snapshot, self.device_step.buffers)
+        _copy(self.device_step._buffer_snapshot, self.device_step.buffers)
         self.driver.load_state_dict(state, self.steps_run)  # the checkpoint is the base state
         self.host.mailbox.take()

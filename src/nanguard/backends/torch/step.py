@@ -127,8 +127,8 @@ class PlainStep:
             self.schedule.advance(torch.ones((), dtype=torch.bool, device=self.device))
         values = {"total_loss": backward.total, "grad_norm": grad_norm, "lr": lr,
                   "applied": torch.ones((), device=self.device)}
-        # sync-ok: only when the numbers are asked for (every observe_every steps, a plain loop's logging)
-        return lambda: pack(backward.components, values).cpu().numpy().tolist()
+        # only when the numbers are asked for (every observe_every steps, as a plain loop's logging)
+        return lambda: pack(backward.components, values).cpu().numpy().tolist()  # sync-ok: when read
 
     def update(self, backward: Backward, context: StepContext = StepContext()) -> list[Outcome]:
         read_values = self.apply(backward)
