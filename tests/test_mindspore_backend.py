@@ -54,7 +54,7 @@ def compile_cache(tmp_path_factory):
 
 
 def env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO / "src"), NANGUARD_MINDSPORE_COMPILE_CACHE=str(CACHE), **extra)
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "NANGUARD_MINDSPORE_COMPILE_CACHE": str(CACHE), **extra}
 
 
 def command(*argv: str) -> list[str]:
@@ -158,6 +158,13 @@ def test_what_the_mindspore_backend_cannot_do_is_refused_before_anything_is_writ
         done = nanguard("train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS, *extra)
         assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and not run.exists()
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("mine")
+    run = tmp_path / "refused_cache"
+    done = subprocess.run(command("train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS), cwd=REPO,
+                          env=env(NANGUARD_MINDSPORE_COMPILE_CACHE=str(a_file)), capture_output=True, text=True)
+    assert done.returncode == 2 and "NANGUARD_MINDSPORE_COMPILE_CACHE" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not run.exists() and a_file.read_text() == "mine"
 
 
 def test_eval_picks_the_backend_from_the_checkpoint_files(tmp_path):

@@ -81,6 +81,13 @@ class MindSporeBackend:
             refused.append("several processes (no MindSpore data parallel yet)")
         if refused:
             raise UserError(f"backend=mindspore does not support {'; '.join(refused)}; use backend=torch for it")
+        root = os.environ.get(COMPILE_CACHE)
+        if root:  # refused now in one line, not MindSpore's errors at the first compile
+            try:
+                Path(root).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"{COMPILE_CACHE}={root}: cannot make it a folder ({exc.strerror or exc}); "
+                                "point it at a writable folder or unset it") from None
 
     # ---------------------------------------------------------------------------------------------
     # Setup
