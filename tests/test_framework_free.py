@@ -8,7 +8,6 @@ import ast
 import subprocess
 import sys
 
-import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "src" / "nanguard"
