@@ -70,22 +70,32 @@ def test_faults_on_different_ranks_are_acted_on_together(shapes, tmp_path):
     assert digests[0] == digests[1] and final(run)["weights_finite"] and final(run)["status"] == "completed"
 
 
-def test_a_gradient_fault_on_rank_1_is_skipped_by_both_named_and_resumed_bit_identically(shapes, tmp_path):
-    common = ["train.steps=12", "train.checkpoint_every=3", "policy.snapshot_confirm=1", "--inject", "grad_nan@4:rank=1"]
-    train(tmp_path / "straight", shapes, *common)
-    incidents = lines(tmp_path / "straight" / "incidents.jsonl")
+# the run the stopped, resumed and killed runs of this config are compared with
+FAULTY = ["train.steps=15", "train.checkpoint_every=3", "policy.snapshot_confirm=1", "--inject", "grad_nan@4:rank=1"]
+
+
+@pytest.fixture(scope="module")
+def straight(shapes, tmp_path_factory) -> Path:
+    """15 steps on two ranks, a NaN gradient on rank 1 at step 4, never interrupted."""
+    run = tmp_path_factory.mktemp("distributed") / "straight"
+    train(run, shapes, *FAULTY)
+    return run
+
+
+def test_a_gradient_fault_on_rank_1_is_skipped_by_both_named_and_resumed_bit_identically(straight, shapes, tmp_path):
+    incidents = lines(straight / "incidents.jsonl")
     assert [(r["step"], r["kind"], r["action"], r["bad_ranks"], r["applied"]) for r in incidents] == [
         (4, "nonfinite_grad", "skip", [1], False)]
     assert len(incidents[0]["image_ids"]) == 2  # rank 1's two images, not the global batch of four
-    digests = final(tmp_path / "straight")["rank_param_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1] and final(tmp_path / "straight")["status"] == "completed"
+    digests = final(straight)["rank_param_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1] and final(straight)["status"] == "completed"
     # stopped at step 6 and resumed on two ranks: bit-identical to the straight run
-    train(tmp_path / "resumed", shapes, *common, "--steps", "6")
+    train(tmp_path / "resumed", shapes, *FAULTY, "--steps", "6")
     done = nanguard("train", "--nproc", "2", "--quiet", "--resume", str(tmp_path / "resumed"))
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = weights(tmp_path / "straight", 12), weights(tmp_path / "resumed", 12)
+    a, b = weights(straight, 15), weights(tmp_path / "resumed", 15)
     assert all(torch.equal(a[name], b[name]) for name in a)
-    assert [r["step"] for r in lines(tmp_path / "resumed" / "metrics.jsonl")] == list(range(12))
+    assert [r["step"] for r in lines(tmp_path / "resumed" / "metrics.jsonl")] == list(range(15))
 
 
 def test_one_process_under_the_launcher_trains_exactly_as_a_plain_run(shapes, tmp_path):
@@ -119,17 +129,15 @@ def rank_pid(run: Path, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_is_restarted_by_torchrun_and_ends_as_the_uninterrupted_run(shapes, tmp_path):
-    common = ["train.steps=30", "train.checkpoint_every=5", "policy.snapshot_confirm=1"]
-    train(tmp_path / "straight", shapes, *common)
+def test_a_killed_rank_is_restarted_by_torchrun_and_ends_as_the_uninterrupted_run(straight, shapes, tmp_path):
     run = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     launcher = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-         "-m", "nanguard", "train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS, *common],
+         "-m", "nanguard", "train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS, *FAULTY],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(lines(run / "metrics.jsonl")) < 12:
+    while time.monotonic() < deadline and len(lines(run / "metrics.jsonl")) < 6:  # past step 3's checkpoint
         time.sleep(0.2)
     pid = rank_pid(run, 1)
     assert pid is not None, "rank 1 not found"
@@ -137,9 +145,9 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_ends_as_the_uninterrupted_ru
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err[-4000:]  # noqa
 
-    a, b = weights(tmp_path / "straight", 30), weights(run, 30)
+    a, b = weights(straight, 15), weights(run, 15)
     assert all(torch.equal(a[name], b[name]) for name in a)
-    assert final(run)["rank_param_digests"] == final(tmp_path / "straight")["rank_param_digests"]
+    assert final(run)["rank_param_digests"] == final(straight)["rank_param_digests"]
 
 
 RESTART_WORKER = """
