@@ -153,21 +153,36 @@ def test_resnet50_fpn_trains_and_skips_a_nan_image(shapes, tmp_path):
     assert [(r["step"], r["action"]) for r in lines(run / "incidents.jsonl")] == [(1, "skip")]
 
 
-def test_what_the_mindspore_backend_cannot_do_is_refused_before_anything_is_written(shapes, tmp_path):
-    for extra, words in ((["model.name=mobilenet_v3_fpn"], "model.name=mobilenet_v3_fpn"),
-                         (["train.amp=bf16"], "train.amp=bf16"),
-                         (["--device", "cuda"], "--device cuda")):
-        run = tmp_path / f"refused_{len(words)}"
-        done = nanguard("train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS, *extra)
-        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1 and not run.exists()
-    a_file = tmp_path / "not_a_folder"
-    a_file.write_text("mine")
-    run = tmp_path / "refused_cache"
-    done = subprocess.run(command("train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS), cwd=REPO,
-                          env=env(NANGUARD_MINDSPORE_COMPILE_CACHE=str(a_file)), capture_output=True, text=True)
-    assert done.returncode == 2 and "NANGUARD_MINDSPORE_COMPILE_CACHE" in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and not run.exists() and a_file.read_text() == "mine"
+def test_what_the_mindspore_backend_cannot_do_is_refused_before_anything_is_written(shapes, tmp_path, monkeypatch):
+    """In this process (the refusals come before any compile; the MindSpore mode is put back after)."""
+    import contextlib
+    import io
+
+    import mindspore as ms
+
+    from nanguard.cli import main
+
+    def refused(run: Path, *extra: str) -> str:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS, *extra])
+        assert code == 2 and "Traceback" not in err.getvalue(), err.getvalue()
+        assert len(err.getvalue().strip().splitlines()) == 1 and not run.exists(), err.getvalue()
+        return err.getvalue()
+
+    mode = ms.get_context("mode")
+    try:
+        for extra, words in ((["model.name=mobilenet_v3_fpn"], "model.name=mobilenet_v3_fpn"),
+                             (["train.amp=bf16"], "train.amp=bf16"),
+                             (["--device", "cuda"], "--device cuda")):
+            assert words in refused(tmp_path / f"refused_{len(words)}", *extra)
+        a_file = tmp_path / "not_a_folder"
+        a_file.write_text("mine")
+        monkeypatch.setenv("NANGUARD_MINDSPORE_COMPILE_CACHE", str(a_file))
+        assert "NANGUARD_MINDSPORE_COMPILE_CACHE" in refused(tmp_path / "refused_cache")
+        assert a_file.read_text() == "mine"
+    finally:
+        ms.set_context(mode=mode)
 
 
 def test_eval_picks_the_backend_from_the_checkpoint_files(tmp_path):
