@@ -65,6 +65,45 @@ def test_guard_overhead_smoke(tmp_path):
     assert result["snapshot"]["every_steps"] > 0
 
 
+def test_gpu_check_smoke(tmp_path):
+    """The one-shot GPU script (issue #28) on the CPU: what is real here is checked, the CUDA-only sections
+    say so instead of faking a result."""
+    out = tmp_path / "gpu_check.json"
+    stdout = run_benchmark("gpu_check", "--device", "cpu", "--tiny", "--steps", "3", "--out", str(out))
+    result = read(out)
+    assert result["benchmark"] == "gpu_check" and result["complete"]
+    sections = result["sections"]
+    assert list(sections) == ["host_syncs", "injection", "step_time_bf16", "step_time_fp16", "throughput",
+                              "cuda_graph"]
+    for name in ("host_syncs", "cuda_graph"):
+        assert sections[name]["status"] == "skipped" and sections[name]["reason"] == "skipped: needs CUDA"
+    scenarios = sections["injection"]["scenarios"]
+    assert set(scenarios) == {"nan_image_bf16", "nan_image_fp16", "fp16_overflow"}
+    for key, scenario in scenarios.items():
+        assert scenario["status"] == "pass" and scenario["skipped"], (key, scenario)
+        assert len(scenario["injected"]) == 1 and scenario["injected"][0]["step"] == 2
+        for group in ("parameters", "bn_buffers", "optimizer", "lr_schedule"):
+            assert scenario["state"][group]["identical"] and scenario["state"][group]["tensors"] > 0, (key, group)
+    assert "nonfinite_loss" in scenarios["nan_image_bf16"]["kinds"]
+    assert "nonfinite_loss" in scenarios["nan_image_fp16"]["kinds"]
+    assert scenarios["nan_image_fp16"]["state"]["grad_scaler"] == {"tensors": 2, "identical": True, "differ": [],
+                                                                  "differ_count": 0}
+    overflow = scenarios["fp16_overflow"]
+    assert overflow["scale_overflow"] and overflow["kinds"] == []  # the scaler's business, not an incident
+    backoff = overflow["grad_scaler_backoff"]
+    assert backoff["as_torch_does"] and backoff["after"] == backoff["before"] * backoff["backoff_factor"]
+    for amp in ("bf16", "fp16"):
+        timing = sections[f"step_time_{amp}"]
+        assert timing["status"] == "measured" and timing["steps_per_side"] == 3  # the 1 % goal is the GPU's
+        assert timing["ratio_guarded_over_plain_median"] > 0 and timing["ratio_guarded_over_plain_total"] > 0
+    assert sections["throughput"]["ratio_images_per_second"] > 0
+    assert sections["throughput"]["results"]["nanguard"]["steps"] == 3
+    checks = {(c["section"], c["status"]) for c in result["checks"]}
+    assert not any(status in ("error", "fail") for _, status in checks), result["checks"]
+    assert result["summary"] == {"pass": 3, "measured": 3, "skipped": 2}
+    assert "gpu_check" in stdout and "NaN image, bf16" in stdout
+
+
 def test_fault_campaign_smoke(tmp_path):
     out = tmp_path / "fault_campaign.json"
     run_benchmark("fault_campaign", "--steps", "1", "--images", "2", "--val-images", "1", "--size", "64",
