@@ -66,7 +66,12 @@ class MindSporeBackend:
         if mode not in ("graph", "pynative"):
             raise UserError(f"NANGUARD_MINDSPORE_MODE={mode!r}: use graph or pynative")
         self.training = False
-        self.ms.set_device("CPU")
+        try:
+            self.ms.set_device("CPU")
+        except RuntimeError:  # MindSpore already ran kernels in this process (a notebook, a test session)
+            if self.ms.get_context("device_target") != "CPU":
+                raise UserError(f"MindSpore already runs on {self.ms.get_context('device_target')} in this "
+                                "process; the MindSpore backend runs on the CPU: start a new process") from None
         self.ms.set_context(mode=self.ms.GRAPH_MODE if mode == "graph" else self.ms.PYNATIVE_MODE)
 
     def check_config(self, cfg: Config) -> None:
