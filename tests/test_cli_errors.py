@@ -104,3 +104,35 @@ def test_only_checkpoint_torn_on_resume_is_a_user_error(shapes, tmp_path):
     result = _run("train", "--quiet", "--resume", str(out))
     assert result.returncode == 2 and "checkpoint(s) loads" in result.stderr and "Traceback" not in result.stderr
     assert (out / "checkpoints" / (newest.name + ".damaged")).exists()  # kept aside, never deleted
+
+
+def test_a_refused_multi_process_run_is_one_line_before_any_rank_starts(shapes, tmp_path, monkeypatch):
+    """`--nproc N` refuses in the launching process whatever a rank would refuse (the backend's
+    check_config as a rank of N sees it, the config, the run folder), before torchrun starts: one line,
+    exit 2, nothing written (a rank's refusal would end in torchrun's ChildFailedError traceback)."""
+    import subprocess as sp
+
+    def no_launch(*a, **k):
+        raise AssertionError(f"torchrun started: {a}")
+
+    monkeypatch.setattr(sp, "call", no_launch)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    cases = [
+        (["--out", str(tmp_path / "a"), *tiny_args(shapes), "train.lrr=0.1"], ("train.lrr",)),
+        (["--out", str(taken), *tiny_args(shapes)], ("--out", "notes.txt")),
+        (["--resume", str(tmp_path / "nothing_here")], ("--resume", "not a run folder")),
+        (["--out", str(tmp_path / "b"), *tiny_args(shapes), "--inject", "nonsense@1"], ("nonsense",)),
+        (["--out", str(tmp_path / "c"), *tiny_args(shapes), "model.weights=/no/such/file.pt"], ("model.weights",)),
+    ]
+    try:
+        import mindspore  # noqa: F401
+
+        cases.append((["--out", str(tmp_path / "d"), *tiny_args(shapes), "backend=mindspore"], ("backend=mindspore",)))
+    except ImportError:
+        pass
+    for argv, needles in cases:
+        _assert_user_error(_run("train", "--nproc", "2", "--quiet", *argv), *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and (taken / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]  # no lock file left in the user's folder

@@ -34,7 +34,7 @@ def test_out_refuses_a_folder_that_is_not_a_run(shapes, tmp_path, capsys):
     assert str(mine) in line and "not a nanguard run" in line and "final.json" in line
     assert (mine / "final.json").read_text() == '{"mine": true}'
     assert (mine / "metrics.jsonl").read_text() == "precious\n"
-    assert sorted(p.name for p in mine.iterdir()) == [LOCK_FILE, "final.json", "metrics.jsonl"]
+    assert sorted(p.name for p in mine.iterdir()) == ["final.json", "metrics.jsonl"]  # not even a lock file
 
 
 def test_out_refuses_a_file_and_an_existing_run(shapes, tmp_path, capsys):

@@ -52,27 +52,40 @@ class RunFolder:
         """A new run in `path` (created if missing). Refuses a file, a run, and a non-empty folder that
         is not a run; writes config.yaml first, so a run killed in its first second can be resumed."""
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--out {path}: is a file, not a folder; pick a folder for the run")
+        cls.check_new(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise io_error(path, exc, "create the run folder") from None
         folder = cls(path, _lock(path))
         try:
-            if (path / CONFIG_FILE).exists():
-                raise UserError(f"--out {path}: already holds a run; resume it with --resume {path} or pick "
-                                "another --out")
-            others = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
-            if others:
-                raise UserError(f"--out {path}: the folder holds files that are not a nanguard run "
-                                f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); nanguard "
-                                "never writes into it: pick a new or empty folder")
+            cls.check_new(path)  # again, under the lock: another process may have started a run in it
             folder.write_config(config_text)
         except BaseException:
             folder.close()
             raise
         return folder
+
+    @staticmethod
+    def check_new(path: Path) -> None:
+        """Refuses what `create` refuses, and writes nothing: a file, a run, a folder that holds files
+        nanguard did not write (`--nproc` asks before it starts the ranks)."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path}: is a file, not a folder; pick a folder for the run")
+        if not path.is_dir():
+            return
+        if (path / CONFIG_FILE).exists():
+            raise UserError(f"--out {path}: already holds a run; resume it with --resume {path} or pick "
+                            "another --out")
+        try:
+            others = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
+        except OSError as exc:
+            raise io_error(path, exc, "read the run folder") from None
+        if others:
+            raise UserError(f"--out {path}: the folder holds files that are not a nanguard run "
+                            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); nanguard "
+                            "never writes into it: pick a new or empty folder")
 
     @classmethod
     def open(cls, path: Path, *, wait: float = 0.0) -> RunFolder:

@@ -20,7 +20,6 @@ RESUME_FIXED_PREFIXES = ("model.", "data.train_", "data.val_", "data.synth_")
 
 
 def run(args) -> int:
-    from nanguard.guard import parse_fault
     from nanguard.run.backend import create_backend
     from nanguard.run.folder import RunFolder
     from nanguard.run.tensorboard import require_tensorboard
@@ -28,18 +27,11 @@ def run(args) -> int:
 
     if getattr(args, "nproc", None):
         return _launch(args)
-    for spec in args.inject:
-        parse_fault(spec)  # a bad spec is a user error before anything is written
     ranks = Ranks.from_env()
     if ranks.restarts and args.out is not None and args.resume is None and (Path(args.out) / "config.yaml").is_file():
         # torchrun --max-restarts started the job again: go on from the run's last checkpoint
         args.resume, args.out, args.config, args.inject = args.out, None, None, []
-    if args.steps is not None and args.steps < 0:
-        raise UserError(f"--steps {args.steps}: must be >= 0 (the step to stop after)")
-    if args.resume is not None and args.config is not None:
-        raise UserError("--resume takes the config saved in the run folder; drop --config")
-    if args.resume is not None and args.out is not None:
-        raise UserError("--resume RUN continues RUN in place; drop --out")
+    _check_arguments(args)
 
     if args.resume is not None:
         folder = (RunFolder.open(args.resume, wait=60.0 if ranks.restarts else 0.0) if ranks.writer
@@ -88,6 +80,7 @@ def _launch(args) -> int:
         raise UserError(f"--nproc {args.nproc}: must be >= 1")
     if args.resume is None and args.out is None:
         raise UserError("--nproc needs --out RUN_DIR (every rank must name the same folder)")
+    _check_before_launch(args)
     argv = list(args.argv)
     if "--nproc" in argv:
         i = argv.index("--nproc")
@@ -100,6 +93,52 @@ def _launch(args) -> int:
         return subprocess.call(command)
     except KeyboardInterrupt:
         return 130
+
+
+def _check_arguments(args) -> None:
+    """What the command line alone decides: refused before anything is read or written."""
+    from nanguard.guard import parse_fault
+
+    for spec in args.inject:
+        parse_fault(spec)
+    if args.steps is not None and args.steps < 0:
+        raise UserError(f"--steps {args.steps}: must be >= 0 (the step to stop after)")
+    if args.resume is not None and args.config is not None:
+        raise UserError("--resume takes the config saved in the run folder; drop --config")
+    if args.resume is not None and args.out is not None:
+        raise UserError("--resume RUN continues RUN in place; drop --out")
+
+
+def _check_before_launch(args) -> None:
+    """`--nproc N`: everything a rank would refuse before it starts, refused here, in one line, before
+    torchrun starts any rank: the arguments, the config and its overrides, the run folder, and the
+    backend's `check_config` as a rank of N sees it."""
+    import os
+
+    from nanguard.run.backend import create_backend
+    from nanguard.run.folder import RunFolder
+    from nanguard.run.tensorboard import require_tensorboard
+
+    _check_arguments(args)
+    if args.resume is not None:
+        with RunFolder.open(args.resume) as folder:  # a run, and no other process writing it
+            saved = config_from_dict(folder.read_config(), str(folder.path / "config.yaml"))
+        cfg = _with_injections(_resume_overrides(saved, args.overrides), args.inject)
+    else:
+        cfg = _with_injections(load_config(args.config, args.overrides), args.inject)
+        RunFolder.check_new(Path(args.out))
+    require_tensorboard(cfg.train.tensorboard)
+    world = {"WORLD_SIZE": str(args.nproc), "RANK": "0", "LOCAL_RANK": "0"}
+    before = {name: os.environ.get(name) for name in world}
+    try:
+        os.environ.update(world)  # what rank 0 will see
+        create_backend(cfg.backend, args.device).check_config(cfg)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _with_injections(cfg: Config, inject: list[str]) -> Config:
