@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, checkpoint_steps, newest_checkpoint, tiny_args
 from nanguard.cli import main
-from nanguard.run.folder import LOCK_FILE, RunFolder
+from nanguard.run.folder import RunFolder
 
 SHORT = ["train.steps=4", "train.checkpoint_every=2", "train.eval_at_end=false", "policy.snapshot_confirm=1"]
 
