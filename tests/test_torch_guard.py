@@ -343,3 +343,22 @@ def test_a_model_without_batchnorm_is_guarded_too():
     [bad] = guard.flush()
     assert bad.decision.action == "skip" and not bad.observation.applied
     assert changed(before, snapshot(model, optimizer)) == []
+
+
+def test_the_ranks_apart_are_those_off_the_majority_digest():
+    """A drifted rank 0 is named alone (not every other rank); a NaN digest is always apart; a tie takes
+    the lowest rank's camp as the reference. The same rule for the end-of-run SHA-256 digests."""
+    from nanguard.backends.torch.distributed import apart_from_majority
+    from nanguard.run.backend import ranks_apart
+
+    def apart(*digests: float) -> list[int]:
+        return torch.nonzero(apart_from_majority(torch.tensor(digests, dtype=torch.float64))).flatten().tolist()
+
+    assert apart(1.0, 1.0, 1.0) == []
+    assert apart(7.0, 1.0, 1.0, 1.0) == [0]
+    assert apart(1.0, 1.0, 7.0, 1.0) == [2]
+    assert apart(1.0, NAN, 1.0) == [1]
+    assert apart(NAN, NAN) == [0, 1]
+    assert apart(1.0, 7.0) == [1] and apart(1.0, 1.0, 7.0, 7.0) == [2, 3]
+    assert ranks_apart(["b", "a", "a", "a"]) == [0] and ranks_apart(["a", "b"]) == [1]
+    assert ranks_apart(["a", "a"]) == [] and ranks_apart(["a", "b", "b", "c"]) == [0, 3]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -134,6 +135,14 @@ def weights_digest(weights: dict[str, np.ndarray]) -> str:
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(weights[name]).tobytes())
     return digest.hexdigest()[:16]
+
+
+def ranks_apart(digests: list[str]) -> list[int]:
+    """The ranks whose digest differs from the one most ranks hold (a tie: the lowest rank's among the
+    most common), so that one drifted rank 0 does not name every other rank."""
+    counts = Counter(digests)
+    reference = max(digests, key=lambda d: counts[d])  # max keeps the first of equal counts
+    return [rank for rank, digest in enumerate(digests) if digest != reference]
 
 
 def create_backend(name: str, device: str | None) -> Backend:

@@ -45,7 +45,7 @@ from nanguard.guard.driver import PolicyDriver
 from nanguard.guard.faults import StepFaults, inject_host
 from nanguard.guard.host import GuardHost, PlainHost, StepContext
 from nanguard.progress import TrainProgress
-from nanguard.run.backend import Backend, Collective, Injects, Replays, weights_digest
+from nanguard.run.backend import Backend, Collective, Injects, Replays, ranks_apart, weights_digest
 from nanguard.run.checkpoints import Checkpoints
 from nanguard.run.data import DataPaths, resolve_data, training_index, validation_data
 from nanguard.run.folder import RunFolder, io_error
@@ -286,8 +286,9 @@ class Training:
             final["rank_param_digests"] = digests
             if len(set(digests)) > 1:
                 final["status"] = "diverged"
-                final["verdict"] = (f"the ranks' parameters differ at the end ({len(set(digests))} distinct digests); "
-                                    "the run cannot be trusted: resume from the last checkpoint")
+                final["verdict"] = (f"the ranks' parameters differ at the end ({len(set(digests))} distinct digests; "
+                                    f"ranks {ranks_apart(digests)} differ from the majority); the run cannot "
+                                    "be trusted: resume from the last checkpoint")
         if cfg.train.eval_at_end and folder.writer:
             final.update(evaluate_run(cfg, backend, self.paths, self.train_index.category_ids, self.quiet, folder))
         folder.write_json("final.json", json_safe(final))

@@ -85,7 +85,7 @@ class RankAgreement:
         n = flags.numel()
         flags, digests, vector = vector[:n].reshape(flags.shape) > 0.5, vector[n:n + self.world], vector[n + self.world:]
         if digest is not None:  # every rank holds every rank's digest: the same verdict everywhere
-            apart = digests != digests[0]  # NaN != NaN: a non-finite digest is apart too
+            apart = apart_from_majority(digests)
             checks["rank_divergence"] = apart.any()
             flags = torch.cat([flags, apart.reshape(1, -1)])
         sent, held = flags[1], flags[3]
@@ -99,6 +99,14 @@ class RankAgreement:
             checks["rank_flags"] = checks["rank_flags"] | flags[4]
         checks["components"] = (vector[:-1] / self.world).float()
         checks["total_loss"] = (vector[-1] / self.world).float()
+
+
+def apart_from_majority(digests: torch.Tensor) -> torch.Tensor:
+    """Which ranks' parameter digests differ from the one most ranks hold (on the device, no host
+    sync). A tie (say, two ranks) takes the lowest rank among the most common as the reference; a
+    non-finite digest never matches, so it is always apart and never the reference."""
+    same = (digests.reshape(-1, 1) == digests.reshape(1, -1)).sum(dim=1)  # ranks sharing each digest
+    return digests != digests[same.argmax()]  # argmax: the first of equal counts
 
 
 def gather_objects(obj: Any) -> list[Any]:
