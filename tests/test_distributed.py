@@ -68,6 +68,10 @@ def test_faults_on_different_ranks_are_acted_on_together(shapes, tmp_path):
         [(r["step"], r["kinds"], r["action"]) for r in incidents.values()]
     digests = final(run)["rank_param_digests"]
     assert digests[0] == digests[1] and final(run)["weights_finite"] and final(run)["status"] == "completed"
+    # every rank's injections, each with its rank (rank 0 writes them at the checkpoints)
+    assert [(r["step"], r["kind"], r["rank"]) for r in lines(run / "injections.jsonl")] == [
+        (4, "nan_input", 0), (6, "lr_spike", 1), (13, "weight_bitflip", 1)]
+    assert final(run)["injections"] == 3
 
 
 # the run the stopped, resumed and killed runs of this config are compared with
@@ -96,6 +100,8 @@ def test_a_gradient_fault_on_rank_1_is_skipped_by_both_named_and_resumed_bit_ide
     a, b = weights(straight, 15), weights(tmp_path / "resumed", 15)
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert [r["step"] for r in lines(tmp_path / "resumed" / "metrics.jsonl")] == list(range(15))
+    for run in (straight, tmp_path / "resumed"):  # rank 1's injection, written once by rank 0
+        assert [(r["step"], r["kind"], r["rank"]) for r in lines(run / "injections.jsonl")] == [(4, "grad_nan", 1)]
 
 
 def test_one_process_under_the_launcher_trains_exactly_as_a_plain_run(shapes, tmp_path):

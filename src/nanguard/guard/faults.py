@@ -310,11 +310,43 @@ class InjectionLog:
     def record(self, step: int, spec: FaultSpec, rank: int = 0,
                detail: str | dict[str, Any] = "") -> dict[str, Any]:
         """When: right after the backend injected `spec` at `step`."""
-        line = json_safe({"step": int(step), "kind": spec.kind, "rank": int(rank),
-                          "params": spec.params_dict(), "detail": detail})
+        line = injection_line(step, spec, rank, detail)
+        self.write(line)
+        return line
+
+    def write(self, line: dict[str, Any]) -> None:
         append_jsonl(self.path, line)
         self.count += 1
-        return line
+
+
+def injection_line(step: int, spec: FaultSpec, rank: int, detail: str | dict[str, Any]) -> dict[str, Any]:
+    return json_safe({"step": int(step), "kind": spec.kind, "rank": int(rank), "params": spec.params_dict(),
+                      "detail": detail})
+
+
+class GatheredInjectionLog:
+    """Several ranks, one writer: every rank keeps the lines of its own injections, and at each
+    `flush` (every rank at the same step: the run's checkpoint steps) rank 0 writes every rank's, in
+    (step, rank) order. `log`: rank 0's InjectionLog, None on the other ranks."""
+
+    def __init__(self, log: InjectionLog | None) -> None:
+        self.log, self.lines = log, []
+
+    @property
+    def count(self) -> int:
+        return self.log.count if self.log is not None else 0
+
+    def record(self, step: int, spec: FaultSpec, rank: int = 0,
+               detail: str | dict[str, Any] = "") -> dict[str, Any]:
+        self.lines.append(injection_line(step, spec, rank, detail))
+        return self.lines[-1]
+
+    def flush(self, gather: Callable[[Any], list[Any]]) -> None:
+        """`gather(value)`: every rank's value, rank by rank (a collective: every rank calls flush)."""
+        everyone, self.lines = gather(self.lines), []
+        if self.log is not None:
+            for line in sorted((line for lines in everyone for line in lines), key=lambda l: (l["step"], l["rank"])):
+                self.log.write(line)
 
 
 class NullInjectionLog:
@@ -325,8 +357,7 @@ class NullInjectionLog:
 
     def record(self, step: int, spec: FaultSpec, rank: int = 0,
                detail: str | dict[str, Any] = "") -> dict[str, Any]:
-        return json_safe({"step": int(step), "kind": spec.kind, "rank": int(rank),
-                          "params": spec.params_dict(), "detail": detail})
+        return injection_line(step, spec, rank, detail)
 
 
 def read_injections(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from nanguard.fileio import json_safe
 from nanguard.explain.diagnose import Explainer
 from nanguard.guard import (
     FaultPlan,
+    GatheredInjectionLog,
     IncidentLog,
     InjectionLog,
     NullIncidentLog,
@@ -149,8 +150,11 @@ class Training:
             folder.truncate_logs(self.counters.step)
         self.incidents = IncidentLog(folder.path / "incidents.jsonl", resume=resuming) if folder.writer \
             else NullIncidentLog()
-        self.injections = (InjectionLog(folder.path / "injections.jsonl", resume=resuming) if self.plan and folder.writer
-                           else NullInjectionLog())
+        log = InjectionLog(folder.path / "injections.jsonl", resume=resuming) if self.plan and folder.writer else None
+        if self.plan and self.ranks.distributed and isinstance(backend, Collective):
+            self.injections = GatheredInjectionLog(log)  # every rank's lines, written by rank 0 at checkpoints
+        else:
+            self.injections = log or NullInjectionLog()
         backend.setup(cfg, self.train_index.num_classes)
         self.guarded = cfg.guard.enabled
         # the guard's host half: the numbers read one step late, the policy and its snapshots
@@ -211,6 +215,8 @@ class Training:
                     last = counters.step == total_steps or self.stopped
                     if counters.step % self.cfg.train.checkpoint_every == 0 or last:
                         self.handle(self.host.flush())  # a sync, once per checkpoint: the state must be final
+                        if isinstance(self.injections, GatheredInjectionLog):
+                            self.injections.flush(self.backend.gather)
                         counters.train_seconds += time.perf_counter() - started
                         started = time.perf_counter()
                         self.pending.add(counters.step, {
