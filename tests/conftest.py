@@ -91,8 +91,9 @@ def fake_backend(monkeypatch):
 # The modules that take longest (trainings, compiles, launches), longest first: `make test` runs them
 # first, so that its two workers (`-n 2 --dist loadscope`) finish together instead of one waiting on
 # the other's last long module. An order only: every test runs either way.
-LONGEST_FIRST = ("test_mindspore_backend", "test_distributed", "test_mindspore_model", "test_benchmarks_smoke",
-                 "test_train", "test_kill9", "test_e2e_guard", "test_explain", "test_mindspore_step")
+LONGEST_FIRST = ("test_mindspore_backend", "test_distributed", "test_mindspore_model", "test_train",
+                 "test_benchmarks_smoke", "test_benchmarks_smoke_mindspore", "test_mindspore_step",
+                 "test_benchmarks_smoke_distributed", "test_explain", "test_e2e_guard", "test_kill9")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,6 @@
-"""The benchmarks run end to end with the smallest settings and write the JSON they promise.
+"""The benchmarks run end to end with the smallest settings and write the JSON they promise: the
+single-process PyTorch ones (MindSpore's: test_benchmarks_smoke_mindspore; several processes:
+test_benchmarks_smoke_distributed; three modules, so that `make test`'s two workers share them).
 
 Each runs as a user runs it (a subprocess, `python benchmarks/NAME.py ...`). Nothing here looks at a
 time or a speed: timing never goes in a unit test (the project's rule: speed is measured in benchmarks/, as ratios).
@@ -6,10 +8,6 @@ time or a speed: timing never goes in a unit test (the project's rule: speed is 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,25 +15,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--device", "cpu", "--batch", "1", "--size", "64", "--batches", "1", "--warmup", "0", "--rounds", "1",
-        "--block", "1", "--threads", "1", "--plain-table"]
-MACHINE_KEYS = {"cpu_count", "torch", "torchvision", "device_name"}
-
-
-def run_benchmark(name: str, *argv: str) -> str:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *argv], cwd=REPO,
-                          capture_output=True, text=True, env=env, timeout=240)
-    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
-def read(path: Path) -> dict:
-    assert path.is_file(), f"{path} not written"
-    result = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
-    assert MACHINE_KEYS <= set(result["machine"]), result["machine"]
-    return result
+from benchmark_helpers import TINY, read, run_benchmark  # noqa: E402
 
 
 def test_throughput_smoke(tmp_path):
@@ -152,40 +132,3 @@ def test_diagnosis_accuracy_smoke(tmp_path):
     assert [(s["kind"], s["verdict"], s["right"]) for s in result["scenarios"]] == [("grad_nan", "transient", True)]
     assert result["overall_accuracy"] == 1.0 and result["clean_run"]["ratio_first_over_off"] > 0
     assert "diagnosis accuracy" in stdout
-
-
-def test_distributed_overhead_smoke(tmp_path):
-    out = tmp_path / "distributed_overhead.json"
-    stdout = run_benchmark("distributed_overhead", "--steps", "2", "--rounds", "1", "--size", "64", "--batch", "1",
-                           "--collective-reps", "5", "--plain-table", "--no-scale", "--json-out", str(out))
-    result = read(out)
-    assert result["nproc"] == 2 and result["ratio_guarded_over_unguarded"] > 0
-    assert set(result["s_per_step"]) == {"guarded", "unguarded"} and len(result["collective_ms"]) == 4
-    assert result["rollback_at_scale_seconds"] is None  # --no-scale
-    assert "one all-reduce" in stdout
-
-
-def test_mindspore_guard_overhead_smoke(tmp_path):
-    pytest.importorskip("mindspore", reason="mindspore is not installed (make install installs it)")
-    out = tmp_path / "mindspore_guard_overhead.json"
-    stdout = run_benchmark("mindspore_guard_overhead", "--modes", "graph", "--batch", "2", "--size", "32", "--width", "8",
-                           "--batches", "2", "--warmup", "0", "--rounds", "1", "--block", "1", "--fault-steps", "3",
-                           "--fault-at", "1", "--plain-table", "--json-out", str(out))
-    result = read(out)
-    assert set(result["modes"]) == {"graph"} and set(result["modes"]["graph"]) == {"unguarded", "guarded"}
-    faults = result["faults"]
-    assert faults["GuardedTrainStep"]["nonfinite_weights"] == 0 and faults["GuardedTrainStep"]["skipped"] == 1
-    assert faults["zoo-style (fixed scale 256, no skip)"]["nonfinite_weights"] > 0
-    assert "GuardedTrainStep vs plain MindSpore step" in stdout
-
-
-def test_mindspore_vs_torch_smoke(tmp_path):
-    pytest.importorskip("mindspore", reason="mindspore is not installed (make install installs it)")
-    out = tmp_path / "mindspore_vs_torch.json"
-    stdout = run_benchmark("mindspore_vs_torch", "--batch", "1", "--size", "64", "--batches", "1", "--warmup", "0",
-                           "--rounds", "1", "--block", "1", "--variants", "torch guarded,mindspore pynative guarded",
-                           "--plain-table", "--json-out", str(out))
-    result = read(out)
-    assert set(result["results"]) == {"torch guarded", "mindspore pynative guarded"}
-    assert result["results"]["torch guarded"]["time_ratio_median"] == 1.0
-    assert "tiny Faster R-CNN train step" in stdout

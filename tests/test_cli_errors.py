@@ -110,12 +110,12 @@ def test_a_refused_multi_process_run_is_one_line_before_any_rank_starts(shapes, 
     """`--nproc N` refuses in the launching process whatever a rank would refuse (the backend's
     check_config as a rank of N sees it, the config, the run folder), before torchrun starts: one line,
     exit 2, nothing written (a rank's refusal would end in torchrun's ChildFailedError traceback)."""
-    import subprocess as sp
+    import nanguard.run.train_command as train_command
 
     def no_launch(*a, **k):
         raise AssertionError(f"torchrun started: {a}")
 
-    monkeypatch.setattr(sp, "call", no_launch)
+    monkeypatch.setattr(train_command, "_torchrun", no_launch)
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")

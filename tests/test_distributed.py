@@ -102,6 +102,11 @@ def test_a_gradient_fault_on_rank_1_is_skipped_by_both_named_and_resumed_bit_ide
     assert [r["step"] for r in lines(tmp_path / "resumed" / "metrics.jsonl")] == list(range(15))
     for run in (straight, tmp_path / "resumed"):  # rank 1's injection, written once by rank 0
         assert [(r["step"], r["kind"], r["rank"]) for r in lines(run / "injections.jsonl")] == [(4, "grad_nan", 1)]
+    # on another number of ranks: the rank's own refusal, then one line naming it, exit 2, no traceback
+    done = nanguard("train", "--nproc", "1", "--quiet", "--resume", str(tmp_path / "resumed"))
+    assert done.returncode == 2 and "resume with the same --nproc" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith(
+        "nanguard train: rank 0 (exit code 2) failed"), done.stderr[-3000:]
 
 
 def test_one_process_under_the_launcher_trains_exactly_as_a_plain_run(shapes, tmp_path):

@@ -74,8 +74,6 @@ def run(args) -> int:
 def _launch(args) -> int:
     """`--nproc N`: the same command on N processes through torch.distributed's own launcher (torchrun),
     which sets RANK / WORLD_SIZE for each; this process waits for them and returns their exit code."""
-    import subprocess
-
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: must be >= 1")
     if args.resume is None and args.out is None:
@@ -87,12 +85,32 @@ def _launch(args) -> int:
         del argv[i:i + 2]
     else:
         argv = [a for a in argv if not a.startswith("--nproc=")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "nanguard", *argv]
+    return _torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "nanguard", *argv])
+
+
+def _torchrun(launcher_args: list[str]) -> int:
+    """torch.distributed's own launcher (torchrun) in this process: it starts the ranks, waits for them
+    and restarts them as told. A rank that fails ends in one line naming it and its exit code (each
+    rank printed its own error above), not in torchrun's traceback; exit 2 when every failed rank
+    refused its input, 1 otherwise."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     try:
-        return subprocess.call(command)
+        run(parse_args(launcher_args))
+    except ChildFailedError as err:
+        import signal
+
+        failed = sorted(err.failures.items())
+        # the ranks torchrun stopped itself (SIGTERM) once one failed are not the ones at fault
+        failed = [(rank, f) for rank, f in failed if f.exitcode != -signal.SIGTERM] or failed
+        ranks = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in failed)
+        print(f"nanguard train: {ranks} failed; its own message is above, and the run folder keeps the "
+              "checkpoints written so far", file=sys.stderr)
+        return 2 if all(failure.exitcode == 2 for _, failure in failed) else 1
     except KeyboardInterrupt:
         return 130
+    return 0
 
 
 def _check_arguments(args) -> None:
