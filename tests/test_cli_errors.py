@@ -121,6 +121,7 @@ def test_a_refused_multi_process_run_is_one_line_before_any_rank_starts(shapes, 
     (taken / "notes.txt").write_text("mine")
     cases = [
         (["--out", str(tmp_path / "a"), *tiny_args(shapes), "train.lrr=0.1"], ("train.lrr",)),
+        (["--out", str(tmp_path / "zero"), *tiny_args(shapes)], ("--nproc 0",)),  # not a plain run
         (["--out", str(taken), *tiny_args(shapes)], ("--out", "notes.txt")),
         (["--resume", str(tmp_path / "nothing_here")], ("--resume", "not a run folder")),
         (["--out", str(tmp_path / "b"), *tiny_args(shapes), "--inject", "nonsense@1"], ("nonsense",)),
@@ -133,6 +134,7 @@ def test_a_refused_multi_process_run_is_one_line_before_any_rank_starts(shapes, 
     except ImportError:
         pass
     for argv, needles in cases:
-        _assert_user_error(_run("train", "--nproc", "2", "--quiet", *argv), *needles)
+        nproc = "0" if "--nproc 0" in needles else "2"
+        _assert_user_error(_run("train", "--nproc", nproc, "--quiet", *argv), *needles)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and (taken / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]  # no lock file left in the user's folder

@@ -25,7 +25,7 @@ def run(args) -> int:
     from nanguard.run.tensorboard import require_tensorboard
     from nanguard.run.trainer import train
 
-    if getattr(args, "nproc", None):
+    if getattr(args, "nproc", None) is not None:  # --nproc 0 too: refused below, not a plain run
         return _launch(args)
     ranks = Ranks.from_env()
     if ranks.restarts and args.out is not None and args.resume is None and (Path(args.out) / "config.yaml").is_file():
@@ -93,11 +93,16 @@ def _torchrun(launcher_args: list[str]) -> int:
     and restarts them as told. A rank that fails ends in one line naming it and its exit code (each
     rank printed its own error above), not in torchrun's traceback; exit 2 when every failed rank
     refused its input, 1 otherwise."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     try:
         run(parse_args(launcher_args))
+    except SignalException as err:  # SIGTERM or SIGHUP to this process: torchrun has stopped the ranks
+        print(f"nanguard train: stopped by signal {int(err.sigval)}; the run folder keeps the checkpoints "
+              "written so far (resume it with --resume)", file=sys.stderr)
+        return 128 + int(err.sigval)
     except ChildFailedError as err:
         import signal
 
