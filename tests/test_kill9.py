@@ -74,15 +74,20 @@ def _same(a: Path, b: Path) -> None:
             assert torch.allclose(v, y["guard"][window][k], rtol=0, atol=0, equal_nan=True), (window, k)
 
 
-@pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume(shapes, tmp_path):
-    reference = tmp_path / "reference"
-    assert main(["train", "--quiet", "--out", str(reference), *tiny_args(shapes), *COMMON]) == 0
+@pytest.fixture(scope="module")
+def reference(shapes, tmp_path_factory) -> Path:
+    """The run never killed, that every killed and resumed run must end equal to."""
+    run = tmp_path_factory.mktemp("kill9") / "reference"
+    assert main(["train", "--quiet", "--out", str(run), *tiny_args(shapes), *COMMON]) == 0
+    return run
 
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(reference, shapes, tmp_path):
     run = tmp_path / "killed"
     rng = random.Random(1234)
     kills = 0
-    for _ in range(6):
+    for _ in range(3):  # three kills at most (each child pays the imports), then the resume to the end
         fresh = not (run / "config.yaml").exists()
         args = ["train", "--quiet"] + (["--out", str(run), *tiny_args(shapes), *COMMON] if fresh
                                        else ["--resume", str(run)])
@@ -109,10 +114,7 @@ def test_sigkill_at_random_moments_then_resume(shapes, tmp_path):
     assert not list((run / "checkpoints").glob(".*.tmp"))
 
 
-def test_sigkill_during_a_checkpoint_write(shapes, tmp_path):
-    reference = tmp_path / "reference"
-    assert main(["train", "--quiet", "--out", str(reference), *tiny_args(shapes), *COMMON]) == 0
-
+def test_sigkill_during_a_checkpoint_write(reference, shapes, tmp_path):
     run = tmp_path / "torn"
     child = _child(["train", "--quiet", "--out", str(run), *tiny_args(shapes), *COMMON], code=TORN_WRITE)
     child.communicate(timeout=300)
