@@ -19,6 +19,16 @@ from nanguard.errors import UserError
 META_KEYS = ("config", "category_ids")
 
 
+def check_world(run_state: dict[str, Any], world: int) -> None:
+    """A checkpoint of several processes resumes on as many (each rank continues its own state); one of
+    a single process may be continued on several. `run_state` is the checkpoint's "run" part (those
+    written before it recorded `world` pass: the backend's own check remains)."""
+    saved = run_state.get("world")
+    if isinstance(saved, int) and saved > 1 and saved != world:
+        raise UserError(f"the checkpoint was written by {saved} ranks, this run has {world}; "
+                        f"resume with the same --nproc ({saved})")
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 

@@ -21,6 +21,7 @@ RESUME_FIXED_PREFIXES = ("model.", "data.train_", "data.val_", "data.synth_")
 
 def run(args) -> int:
     from nanguard.run.backend import create_backend
+    from nanguard.run.checkpoints import Checkpoints, check_world
     from nanguard.run.folder import RunFolder
     from nanguard.run.tensorboard import require_tensorboard
     from nanguard.run.trainer import train
@@ -134,11 +135,12 @@ def _check_arguments(args) -> None:
 
 def _check_before_launch(args) -> None:
     """`--nproc N`: everything a rank would refuse before it starts, refused here, in one line, before
-    torchrun starts any rank: the arguments, the config and its overrides, the run folder, and the
-    backend's `check_config` as a rank of N sees it."""
+    torchrun starts any rank: the arguments, the config and its overrides, the run folder, the
+    backend's `check_config` as a rank of N sees it, and a resumed checkpoint of another --nproc."""
     import os
 
     from nanguard.run.backend import create_backend
+    from nanguard.run.checkpoints import Checkpoints, check_world
     from nanguard.run.folder import RunFolder
     from nanguard.run.tensorboard import require_tensorboard
 
@@ -155,7 +157,12 @@ def _check_before_launch(args) -> None:
     before = {name: os.environ.get(name) for name in world}
     try:
         os.environ.update(world)  # what rank 0 will see
-        create_backend(cfg.backend, args.device).check_config(cfg)
+        backend = create_backend(cfg.backend, args.device)
+        backend.check_config(cfg)
+        if args.resume is not None:  # the checkpoint the ranks would resume from, read (never renamed) here
+            state = Checkpoints(Path(args.resume), backend, keep=1, writer=False).load_newest()
+            if state is not None:
+                check_world(state["run"], args.nproc)
     finally:
         for name, value in before.items():
             if value is None:

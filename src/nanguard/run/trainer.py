@@ -47,7 +47,7 @@ from nanguard.guard.faults import StepFaults, inject_host
 from nanguard.guard.host import GuardHost, PlainHost, StepContext
 from nanguard.progress import TrainProgress
 from nanguard.run.backend import Backend, Collective, Injects, Replays, ranks_apart, weights_digest
-from nanguard.run.checkpoints import Checkpoints
+from nanguard.run.checkpoints import Checkpoints, check_world
 from nanguard.run.data import DataPaths, resolve_data, training_index, validation_data
 from nanguard.run.folder import RunFolder, io_error
 from nanguard.run.ranks import Ranks
@@ -60,11 +60,13 @@ class Counters:
 
     step: int = 0
     train_seconds: float = 0.0
+    world: int = 1  # the processes that trained it (`--nproc`)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "train_seconds": self.train_seconds}
+        return {"step": self.step, "train_seconds": self.train_seconds, "world": self.world}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_world(state, self.world)
         self.step, self.train_seconds = int(state["step"]), float(state["train_seconds"])
 
 
@@ -136,7 +138,7 @@ class Training:
         self.loader = Loader(self.train_index, cfg.train.batch_size, seed=cfg.seed, hflip=cfg.data.hflip,
                              prefetch=cfg.data.prefetch, cache_bytes=cfg.data.cache_mb << 20,
                              rank=self.ranks.rank, world=self.ranks.world)
-        self.counters = Counters()
+        self.counters = Counters(world=self.ranks.world)
         self.checkpoints = Checkpoints(folder.path, backend, keep=cfg.train.keep_checkpoints, writer=folder.writer)
         # The checkpoint's contents, declared once: save and load both loop over these parts (in this order).
         self.parts: dict[str, Any] = {"run": self.counters, "data": self.loader}
