@@ -132,3 +132,22 @@ def test_generated_dataset_keys_are_refused_with_named_data(override):
         load_config("demo", ["data.train_ann=a.json", "data.train_images=a", "data.val_ann=b.json",
                              "data.val_images=b", override])
     load_config("demo", [override])  # the generated dataset: they mean something
+
+
+def test_train_help_lists_every_key_and_each_listed_value_is_a_valid_override(capsys):
+    """`nanguard train --help` ends with every config key and its demo value, written as an override
+    is: each line, given back as KEY=VALUE, is accepted and leaves the config as it was."""
+    from nanguard.cli import main
+    from nanguard.config import _all_keys
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    listed = capsys.readouterr().out.split("config keys (KEY=VALUE)")[1].splitlines()[1:]
+    pairs = [line.strip() for line in listed if line.strip()]
+    demo = load_config("demo")
+    assert [p.split("=", 1)[0] for p in pairs] == _all_keys(demo)
+    assert load_config("demo", pairs) == demo
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("nanguard ")

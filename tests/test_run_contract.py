@@ -76,3 +76,83 @@ def test_unguarded_nothing_is_decided_and_numbers_are_read_every_log_every_steps
     assert not final["weights_finite"]
     assert [r["step"] for r in lines(tmp_path / "plain" / "metrics.jsonl")] == [0, 5, 10, 11]
     assert not (tmp_path / "plain" / "incidents.jsonl").exists() or lines(tmp_path / "plain" / "incidents.jsonl") == []
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".nanguard.lock"}
+
+
+def test_a_resume_that_cannot_continue_exits_2_and_changes_nothing(fake_backend, shapes, tmp_path, capsys,
+                                                                   monkeypatch):
+    """No checkpoint that loads, another backend's checkpoints, a checkpoint of another number of
+    processes: one line, exit 2, every file of the run as it was (never a silent restart from step 0)."""
+    out = tmp_path / "run"
+    run(out, shapes, "train.steps=8")
+    before = snapshot(out)
+    capsys.readouterr()
+
+    def refused(*argv: str, **env: str) -> str:
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            assert main(["train", "--quiet", "--resume", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert snapshot(out) == before
+        return err
+
+    checkpoints = sorted((out / "checkpoints").glob("step_*.npz"))
+    originals = {p: p.read_bytes() for p in checkpoints}
+    for p in checkpoints:  # every checkpoint cut short
+        p.write_bytes(originals[p][:40])
+    before = snapshot(out)
+    said = refused()
+    assert "none of its 2 checkpoint(s) loads" in said and "nothing was changed" in said
+    for p in checkpoints:  # another backend's checkpoints (config.yaml edited, or files copied in)
+        p.unlink()
+        p.with_suffix(".pt").write_bytes(originals[p])
+    before = snapshot(out)
+    assert "are not .npz files" in refused()
+    for p in checkpoints:
+        p.with_suffix(".pt").unlink()
+        p.write_bytes(originals[p])
+    before = snapshot(out)
+    # the checkpoints of a 2-process run, resumed by one process
+    import nanguard.run.trainer as trainer
+
+    real = trainer.Counters.state_dict
+    with monkeypatch.context() as m:
+        m.setattr(trainer.Counters, "state_dict", lambda self: {**real(self), "world": 2})
+        run(tmp_path / "two", shapes, "train.steps=4")
+    out = tmp_path / "two"
+    before = snapshot(out)
+    capsys.readouterr()
+    assert "written by 2 ranks" in refused()
+
+
+def test_environment_ranks_that_cannot_be_are_refused_in_one_line(fake_backend, shapes, tmp_path, capsys, monkeypatch):
+    for env, said in [({"RANK": "x"}, "RANK='x'"), ({"RANK": "1"}, "without WORLD_SIZE"),
+                      ({"RANK": "2", "WORLD_SIZE": "2"}, "outside 0..1"), ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+                      ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1")]:
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            assert main(["train", "--quiet", "--out", str(tmp_path / "run"), *tiny_args(shapes), *STEPS]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err, (env, err)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_stray_restart_count_never_turns_out_onto_another_run_into_a_resume(fake_backend, shapes, tmp_path, capsys,
+                                                                            monkeypatch):
+    """TORCHELASTIC_RESTART_COUNT > 0 continues --out only when its config is this command's own (a job
+    torchrun started again); onto another run, --out is refused as always."""
+    out = tmp_path / "run"
+    run(out, shapes, "train.steps=4")
+    before = snapshot(out)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert main(["train", "--quiet", "--out", str(out), *tiny_args(shapes), *STEPS, "train.steps=8"]) == 2
+    assert "--resume" in capsys.readouterr().err and snapshot(out) == before
+    assert main(["train", "--quiet", "--out", str(out), *tiny_args(shapes), *STEPS, "train.steps=4"]) == 0
+    assert json.loads((out / "final.json").read_text())["steps"] == 4  # the same command: resumed, not refused

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from nanguard import __version__
 from nanguard.errors import UserError
 
 # command name -> module whose `run(args) -> int` implements it (imported lazily).
@@ -24,11 +25,29 @@ COMMANDS = {
 }
 
 
+def _config_keys() -> str:
+    """Every config key a KEY=VALUE override can set, with the demo preset's value."""
+    from nanguard.config import config_keys
+
+    return "config keys (KEY=VALUE), with the demo preset's values (src/nanguard/config.py says what each does):\n" + \
+        "\n".join(f"  {key}={_yaml_value(value)}" for key, value in config_keys())
+
+
+def _yaml_value(value) -> str:
+    """A value as an override writes it (null, true/false, [], numbers and words as they are)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanguard",
         description="Train Faster R-CNN so that a NaN or Inf can neither kill nor silently ruin a run.",
     )
+    parser.add_argument("--version", action="version", version=f"nanguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("synth", help="generate a COCO dataset of coloured shapes")
@@ -51,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, metavar="N", help="decoding processes (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
-    p = sub.add_parser("train", help="train a Faster R-CNN (guarded)")
+    p = sub.add_parser("train", help="train a Faster R-CNN (guarded)", epilog=_config_keys(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=0.01")
     p.add_argument("--config", metavar="FILE|PRESET", default=None,
                    help="a YAML file or a preset name: demo (default), coco_r50")

@@ -331,6 +331,12 @@ def _all_keys(obj: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def config_keys() -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of the demo preset's config, in the tree's order."""
+    cfg = load_config("demo")
+    return [(key, _lookup(cfg, key)) for key in _all_keys(cfg)]
+
+
 def apply_override(cfg: Config, override: str) -> Config:
     """Apply one `dotted.key=value` (the value is parsed as YAML: numbers, true/false, null, lists)."""
     if "=" not in override:

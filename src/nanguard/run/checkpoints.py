@@ -67,10 +67,21 @@ class Checkpoints:
         return path
 
     def load_newest(self) -> dict[str, Any] | None:
-        """The newest checkpoint that loads and holds every part (None: the run saved none yet). A
-        fallback always says so on stderr, --quiet or not: the user loses steps."""
+        """The newest checkpoint that loads and holds every part (None: the run saved none yet). Newer
+        ones that do not load are then renamed aside (`.damaged`, never deleted), and the fallback is
+        said on stderr, --quiet or not: the user loses steps. When none loads, or the run's checkpoints
+        are another backend's, nothing is renamed: a UserError, and the run is as it was."""
         found = list_checkpoints(self.run_dir, self.suffix)
-        first_problem = None
+        if not found:
+            foreign = sorted(p.name for p in checkpoint_dir(self.run_dir).glob("step_*")
+                             if p.is_file() and not p.name.endswith(".damaged") and ".damaged." not in p.name) \
+                if checkpoint_dir(self.run_dir).is_dir() else []
+            if foreign:
+                raise UserError(f"{checkpoint_dir(self.run_dir)}: its checkpoints ({foreign[-1]}, ...) are not "
+                                f"{self.suffix} files, the backend in config.yaml writes; set the backend "
+                                "that wrote them (backend=...) in config.yaml, or start a new run with --out")
+            return None
+        problems: list[tuple[Path, str]] = []
         for _, path in reversed(found):
             try:
                 state = self.backend.load_checkpoint(path)
@@ -78,24 +89,28 @@ class Checkpoints:
                 if missing:
                     raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
             except UserError as err:
-                first_problem = first_problem or str(err).split("; ")[0]
-                if not self.writer:
-                    continue  # rank 0 says so and puts it aside; every rank falls back the same way
-                aside = path.with_name(path.name + ".damaged")
-                for n in range(1, 1000):  # an earlier damaged copy of the same step is kept too
-                    if not aside.exists():
-                        break
-                    aside = path.with_name(f"{path.name}.damaged.{n}")
-                try:
-                    path.rename(aside)
-                    where = f"kept aside as {aside.name}"
-                except OSError as exc:
-                    where = f"left in place (cannot rename it: {(exc.strerror or type(exc).__name__).lower()})"
-                print(f"nanguard: warning: {err} -- {where}; using an older checkpoint", file=sys.stderr)
+                problems.append((path, str(err)))
                 continue
+            if self.writer:  # rank 0 says so and puts them aside; every rank falls back the same way
+                for bad, err in problems:
+                    print(f"nanguard: warning: {err} -- {_put_aside(bad)}; using an older checkpoint",
+                          file=sys.stderr)
             self.loaded_from = path
             return state
-        if found:
-            raise UserError(f"{checkpoint_dir(self.run_dir)}: none of its {len(found)} checkpoint(s) loads "
-                            f"({first_problem}; each kept aside as *.damaged); start a new run with --out")
-        return None
+        raise UserError(f"{checkpoint_dir(self.run_dir)}: none of its {len(found)} checkpoint(s) loads "
+                        f"({problems[0][1].split('; ')[0]}); nothing was changed: copy intact checkpoints back "
+                        "into it, or start a new run with --out")
+
+
+def _put_aside(path: Path) -> str:
+    """Rename a checkpoint that does not load to `<name>.damaged` (`.damaged.N` beside an earlier one)."""
+    aside = path.with_name(path.name + ".damaged")
+    for n in range(1, 1000):  # an earlier damaged copy of the same step is kept too
+        if not aside.exists():
+            break
+        aside = path.with_name(f"{path.name}.damaged.{n}")
+    try:
+        path.rename(aside)
+    except OSError as exc:
+        return f"left in place (cannot rename it: {(exc.strerror or type(exc).__name__).lower()})"
+    return f"kept aside as {aside.name}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from nanguard.errors import UserError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -29,12 +31,31 @@ class Ranks:
 
     @classmethod
     def from_env(cls) -> Ranks:
+        """This process's place, from torchrun's (or msrun's) environment. A value set by hand that cannot
+        be one (not a number, RANK outside 0..WORLD_SIZE-1, RANK without WORLD_SIZE) is refused in one
+        line: a process that believed it had peers would wait for them forever."""
         def number(name: str, default: int) -> int:
-            try:
-                return int(os.environ.get(name, default))
-            except ValueError:
+            value = os.environ.get(name)
+            if value is None:
                 return default
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise UserError(f"{name}={value[:40]!r} in the environment is not a number; torchrun sets it "
+                                "(start several processes with `nanguard train --nproc N`), or unset it") from None
 
-        world = max(1, number("WORLD_SIZE", 1))
-        return cls(rank=number("RANK", 0), world=world, local_rank=number("LOCAL_RANK", 0),
-                   restarts=number("TORCHELASTIC_RESTART_COUNT", 0))
+        world = number("WORLD_SIZE", 1)
+        rank = number("RANK", 0)
+        if world < 1:
+            raise UserError(f"WORLD_SIZE={world} in the environment: it must be >= 1, or unset")
+        if "RANK" in os.environ and "WORLD_SIZE" not in os.environ and rank != 0:
+            raise UserError(f"RANK={rank} in the environment without WORLD_SIZE: set both (torchrun does: "
+                            "`nanguard train --nproc N`), or unset RANK")
+        if not 0 <= rank < world:
+            raise UserError(f"RANK={rank} in the environment is outside 0..{world - 1} (WORLD_SIZE={world}); "
+                            "start the processes with `nanguard train --nproc N`")
+        local_rank = number("LOCAL_RANK", 0)
+        if local_rank < 0:
+            raise UserError(f"LOCAL_RANK={local_rank} in the environment: it must be >= 0, or unset")
+        return cls(rank=rank, world=world, local_rank=local_rank,
+                   restarts=max(0, number("TORCHELASTIC_RESTART_COUNT", 0)))

@@ -21,7 +21,6 @@ RESUME_FIXED_PREFIXES = ("model.", "data.train_", "data.val_", "data.synth_")
 
 def run(args) -> int:
     from nanguard.run.backend import create_backend
-    from nanguard.run.checkpoints import Checkpoints, check_world
     from nanguard.run.folder import RunFolder
     from nanguard.run.tensorboard import require_tensorboard
     from nanguard.run.trainer import train
@@ -29,7 +28,7 @@ def run(args) -> int:
     if getattr(args, "nproc", None) is not None:  # --nproc 0 too: refused below, not a plain run
         return _launch(args)
     ranks = Ranks.from_env()
-    if ranks.restarts and args.out is not None and args.resume is None and (Path(args.out) / "config.yaml").is_file():
+    if ranks.restarts and args.out is not None and args.resume is None and _restarted_here(args):
         # torchrun --max-restarts started the job again: go on from the run's last checkpoint
         args.resume, args.out, args.config, args.inject = args.out, None, None, []
     _check_arguments(args)
@@ -70,6 +69,20 @@ def run(args) -> int:
         print(f"nanguard train: stopped: {final.get('verdict') or final.get('stop_reason')}", file=sys.stderr)
         return 1
     return 0
+
+
+def _restarted_here(args) -> bool:
+    """A restarted job (TORCHELASTIC_RESTART_COUNT > 0) continues --out only if that folder's config is
+    the one this very command writes: a stray variable in the environment never turns a refused
+    `--out` onto another run into a resume of it."""
+    path = Path(args.out) / "config.yaml"
+    if not path.is_file():
+        return False
+    try:
+        saved = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return saved == dump_yaml(_with_injections(load_config(args.config, args.overrides), args.inject))
 
 
 def _launch(args) -> int:

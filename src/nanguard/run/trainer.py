@@ -128,6 +128,12 @@ class Training:
         self.cfg, self.folder, self.backend = cfg, folder, backend
         self.ranks = Ranks.from_env()
         self.quiet = quiet or not folder.writer  # one progress bar: rank 0's
+        self.counters = Counters(world=self.ranks.world)
+        self.checkpoints = Checkpoints(folder.path, backend, keep=cfg.train.keep_checkpoints, writer=folder.writer)
+        # read first: a resume that cannot continue (another --nproc, no checkpoint that loads) changes nothing
+        state = self.checkpoints.load_newest() if resuming else None
+        if state is not None:
+            self.counters.load_state_dict(state["run"])
         self.paths = resolve_data(cfg, self.quiet)
         self.train_index = training_index(cfg, self.paths, folder.write_json, self.quiet)
         if len(self.train_index) < cfg.train.batch_size * self.ranks.world:
@@ -138,16 +144,11 @@ class Training:
         self.loader = Loader(self.train_index, cfg.train.batch_size, seed=cfg.seed, hflip=cfg.data.hflip,
                              prefetch=cfg.data.prefetch, cache_bytes=cfg.data.cache_mb << 20,
                              rank=self.ranks.rank, world=self.ranks.world)
-        self.counters = Counters(world=self.ranks.world)
-        self.checkpoints = Checkpoints(folder.path, backend, keep=cfg.train.keep_checkpoints, writer=folder.writer)
         # The checkpoint's contents, declared once: save and load both loop over these parts (in this order).
         self.parts: dict[str, Any] = {"run": self.counters, "data": self.loader}
-        state = self.checkpoints.load_newest() if resuming else None
-        if state is not None:
-            if tuple(state["category_ids"]) != self.train_index.category_ids:
-                raise UserError(f"{self.checkpoints.loaded_from}: trained on other categories than "
-                                f"{self.paths.train_ann}")
-            self.counters.load_state_dict(state["run"])
+        if state is not None and tuple(state["category_ids"]) != self.train_index.category_ids:
+            raise UserError(f"{self.checkpoints.loaded_from}: trained on other categories than "
+                            f"{self.paths.train_ann}")
         if resuming:  # lines after the checkpoint are written again; the counters restart from the rest
             folder.truncate_logs(self.counters.step)
         self.incidents = IncidentLog(folder.path / "incidents.jsonl", resume=resuming) if folder.writer \
