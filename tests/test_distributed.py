@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_faults_on_different_ranks_are_acted_on_together(shapes, tmp_path):
 
 
 # the run the stopped, resumed and killed runs of this config are compared with
-FAULTY = ["train.steps=15", "train.checkpoint_every=3", "policy.snapshot_confirm=1", "--inject", "grad_nan@4:rank=1"]
+FAULTY = ["train.steps=15", "train.checkpoint_every=3", "train.keep_checkpoints=5", "policy.snapshot_confirm=1", "--inject", "grad_nan@4:rank=1"]
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +97,21 @@ def test_a_gradient_fault_on_rank_1_is_skipped_by_both_named_and_resumed_bit_ide
     assert len(incidents[0]["image_ids"]) == 2  # rank 1's two images, not the global batch of four
     digests = final(straight)["rank_param_digests"]
     assert len(digests) == 2 and digests[0] == digests[1] and final(straight)["status"] == "completed"
-    # stopped at step 6 and resumed on two ranks: bit-identical to the straight run
-    train(tmp_path / "resumed", shapes, *FAULTY, "--steps", "6")
+    # the run as a crash after step 7 leaves it (its newest checkpoint, step 6; logs up to step 7), resumed
+    # on two ranks: bit-identical to the straight run (a stop with --steps: test_e2e_guard, one process)
+    shutil.copytree(straight, tmp_path / "resumed")
+    for path in (tmp_path / "resumed" / "checkpoints").glob("step_*.pt"):
+        if int(path.stem.split("_")[1]) > 6:
+            path.unlink()
+    (tmp_path / "resumed" / "final.json").unlink()
+    metrics = tmp_path / "resumed" / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:8]))
     done = nanguard("train", "--nproc", "2", "--quiet", "--resume", str(tmp_path / "resumed"))
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = weights(straight, 15), weights(tmp_path / "resumed", 15)
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert [r["step"] for r in lines(tmp_path / "resumed" / "metrics.jsonl")] == list(range(15))
+    assert final(tmp_path / "resumed")["rank_param_digests"] == final(straight)["rank_param_digests"]
     for run in (straight, tmp_path / "resumed"):  # rank 1's injection, written once by rank 0
         assert [(r["step"], r["kind"], r["rank"]) for r in lines(run / "injections.jsonl")] == [(4, "grad_nan", 1)]
     # on another number of ranks, or on one process: one line, exit 2, before any rank starts or any
