@@ -171,3 +171,29 @@ def test_cli(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "bad"), "--size", "8", "--quiet"]) == 2
     error = capsys.readouterr().err
     assert "--size" in error and "\n" not in error.strip()
+
+
+def test_the_default_dataset_is_generated_by_one_process_at_a_time(tmp_path):
+    """Two processes (the ranks of a run) that need the default dataset: the second waits for the
+    first's lock, then finds the dataset complete; neither writes while the other does."""
+    import fcntl
+    import multiprocessing
+    import time
+
+    from nanguard.config import load_config
+    from nanguard.run.data import resolve_data
+
+    cfg = load_config("demo", [f"data.cache={tmp_path / 'cache'}", "data.synth_images=6", "data.synth_val_images=2",
+                               "data.synth_size=32"])
+    folder = tmp_path / "cache" / "synth-6-2-32px-3c-seed0"
+    (tmp_path / "cache").mkdir()
+    with open(tmp_path / "cache" / f".{folder.name}.lock", "a+b") as held:  # as a first rank holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = multiprocessing.get_context("spawn").Process(target=resolve_data, args=(cfg, True))
+        second.start()
+        time.sleep(1.5)
+        assert second.is_alive() and not folder.exists()  # waiting, nothing written
+    second.join(60)
+    assert second.exitcode == 0
+    paths = resolve_data(cfg, True)
+    assert paths.train_ann.is_file() and len(list(paths.train_images.iterdir())) == 6

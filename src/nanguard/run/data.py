@@ -8,6 +8,7 @@ Three ways to name the data (config `data.*`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ def resolve_data(cfg: Config, quiet: bool) -> DataPaths:
 
         root = Path(os.path.expanduser(d.cache)) / (
             f"synth-{d.synth_images}-{d.synth_val_images}-{d.synth_size}px-{d.synth_classes}c-seed{d.synth_seed}")
-        generate(root, images=d.synth_images, val_images=d.synth_val_images, size=d.synth_size,
-                 classes=d.synth_classes, seed=d.synth_seed, progress=not quiet)
+        with _generating(root):  # the ranks of a run (or two runs) generate it once, one after the other
+            generate(root, images=d.synth_images, val_images=d.synth_val_images, size=d.synth_size,
+                     classes=d.synth_classes, seed=d.synth_seed, progress=not quiet)
     else:
         root = Path(d.root)
         if not root.is_dir():
@@ -48,6 +50,24 @@ def resolve_data(cfg: Config, quiet: bool) -> DataPaths:
         raise UserError(f"data.root={root}: no annotations/instances_train.json; it is not a synth-layout "
                         "folder (use data.train_ann=... and friends for other layouts)")
     return paths
+
+
+@contextlib.contextmanager
+def _generating(root: Path):
+    """An exclusive lock (`.<name>.lock` beside `root`, in nanguard's own data.cache) for as long as the
+    dataset is generated or found complete: a second process waits, then finds it complete."""
+    import fcntl
+
+    lock_path = root.parent / f".{root.name}.lock"
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+b")
+    except OSError as exc:
+        raise UserError(f"data.cache={root.parent}: cannot write there ({exc.strerror or exc}); point data.cache "
+                        "at a writable folder or name the data with data.root") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
 
 
 def training_index(cfg: Config, paths: DataPaths, write_audit, quiet: bool) -> CocoIndex:
