@@ -77,6 +77,28 @@ def test_faults_on_different_ranks_are_acted_on_together(shapes, tmp_path):
     assert final(run)["injections"] == 3
 
 
+def test_an_image_only_one_rank_cannot_read_is_skipped_by_every_rank(shapes, tmp_path):
+    """A truncated image (its header intact: the audit reads headers) in one rank's share: that rank
+    takes part in the step with a placeholder whose loss is non-finite, so both ranks skip it in the
+    same step; no rank waits for a peer. The incident names the rank and its images; its stderr line
+    names the image and the cause."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    broken = sorted((data / "train").iterdir())[5]
+    broken.write_bytes(broken.read_bytes()[:200])
+    run = tmp_path / "run"
+    done = nanguard("train", "--nproc", "2", "--quiet", "--out", str(run), f"data.root={data}", *ARGS,
+                    "train.steps=6", "policy.snapshot_confirm=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    image_id = int(broken.stem)
+    [incident] = lines(run / "incidents.jsonl")
+    [rank] = incident["bad_ranks"]
+    assert image_id in incident["image_ids"] and len(incident["image_ids"]) == 2 and not incident["applied"]
+    assert f"rank {rank}, step {incident['step']}: cannot read image(s)" in done.stderr and "truncated" in done.stderr
+    digests = final(run)["rank_param_digests"]
+    assert digests[0] == digests[1] and final(run)["status"] == "completed" and final(run)["skipped_steps"] == 1
+
+
 # the run the stopped, resumed and killed runs of this config are compared with
 FAULTY = ["train.steps=15", "train.checkpoint_every=3", "train.keep_checkpoints=5", "policy.snapshot_confirm=1", "--inject", "grad_nan@4:rank=1"]
 

@@ -39,7 +39,7 @@ class BatchKey:
 @dataclass
 class Batch:
     key: BatchKey
-    images: list[np.ndarray]  # each [H, W, 3] uint8
+    images: list[np.ndarray]  # each [H, W, 3] uint8 (float32 with NaN in `BatchLoadError.placeholder`)
     boxes: list[np.ndarray]  # each [N, 4] xyxy float32, in the image's pixels (after the flip)
     labels: list[np.ndarray]  # each [N] int64, 1..K
     image_ids: tuple
@@ -53,9 +53,24 @@ class Batch:
 class BatchLoadError(Exception):
     """A batch could not be decoded; carries its key (so the incident names the images) and the cause."""
 
-    def __init__(self, key: BatchKey, image_ids: tuple, cause: BaseException, annotation_ids: tuple = ()) -> None:
+    def __init__(self, key: BatchKey, image_ids: tuple, cause: BaseException, annotation_ids: tuple = (),
+                 rank_image_ids: tuple = (), rank_annotation_ids: tuple = ()) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.key, self.image_ids, self.cause, self.annotation_ids = key, image_ids, cause, annotation_ids
+        # distributed: every rank's share, as the batch would have carried them
+        self.rank_image_ids, self.rank_annotation_ids = rank_image_ids, rank_annotation_ids
+
+    def placeholder(self) -> Batch:
+        """A batch that stands in for this one on a rank of a distributed run, whose peers are already in
+        the step's collectives: its images (one per image of the share) carry a band of NaN pixels,
+        as `nan_input` does, so the loss is non-finite on this rank alone and the ranks' agreed flags
+        skip the step on every rank. Its ids are the unreadable share's."""
+        n = len(self.image_ids)
+        image = np.zeros((64, 64, 3), np.float32)
+        image[:16] = np.nan
+        return Batch(self.key, [image.copy() for _ in range(n)], [np.array([[8, 8, 40, 40]], np.float32)] * n,
+                     [np.ones(1, np.int64)] * n, self.image_ids, self.annotation_ids, self.rank_image_ids,
+                     self.rank_annotation_ids)
 
 
 class BatchSampler:
@@ -277,7 +292,7 @@ class Loader:
         except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for missing or broken files
             records = [self.index.records[i] for i in key.indices]
             raise BatchLoadError(key, tuple(r.image_id for r in records), exc,
-                                 tuple(r.annotation_ids for r in records)) from exc
+                                 tuple(r.annotation_ids for r in records), rank_ids, rank_anns) from exc
 
     def next(self) -> Batch:
         """The next batch. Raises `BatchLoadError` for an undecodable one (the trainer records it as an

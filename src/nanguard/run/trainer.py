@@ -206,9 +206,17 @@ class Training:
                         self.metrics.ran(step, 0)
                         if not self.guarded:  # unguarded, a batch that cannot be read ends the run
                             raise unreadable_unguarded(err.cause, err.image_ids) from None
-                        context = StepContext(tuple(err.image_ids), tuple(err.annotation_ids),
-                                              (err.key.epoch, err.key.position))
-                        self.handle(self.host.failed(step, err.cause, context))
+                        if self.ranks.distributed and isinstance(self.backend, Collective):
+                            # the other ranks are already in this step's collectives: take part with a
+                            # placeholder whose loss is non-finite here, so every rank skips the step
+                            print(f"nanguard train: rank {self.ranks.rank}, step {step}: cannot read image(s) "
+                                  f"{', '.join(map(str, err.image_ids))} ({err}); every rank skips this step",
+                                  file=sys.stderr)
+                            self.handle(self.train_step(step, err.placeholder()))
+                        else:
+                            context = StepContext(tuple(err.image_ids), tuple(err.annotation_ids),
+                                                  (err.key.epoch, err.key.position))
+                            self.handle(self.host.failed(step, err.cause, context))
                     else:
                         outcomes = self.train_step(step, batch)
                         self.metrics.ran(step, len(batch.images))
