@@ -126,6 +126,11 @@ class Collective(Protocol):
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, rank by rank (a collective: every rank calls it)."""
 
+    def peer_lost(self, error: BaseException) -> str | None:
+        """What the communication library said, in a few words, when `error` is a collective failing
+        because a peer process is gone (killed, crashed); None for any other error. The run then ends
+        in one line, not in the library's traceback."""
+
 
 def weights_digest(weights: dict[str, np.ndarray]) -> str:
     """sha256 of a model's parameters (names and bytes, by name): equal on every rank of a healthy

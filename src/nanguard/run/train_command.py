@@ -20,7 +20,7 @@ RESUME_FIXED_PREFIXES = ("model.", "data.train_", "data.val_", "data.synth_")
 
 
 def run(args) -> int:
-    from nanguard.run.backend import create_backend
+    from nanguard.run.backend import Collective, create_backend
     from nanguard.run.folder import RunFolder
     from nanguard.run.tensorboard import require_tensorboard
     from nanguard.run.trainer import train
@@ -56,7 +56,15 @@ def run(args) -> int:
         out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         folder = RunFolder.create(out, dump_yaml(cfg)) if ranks.writer else RunFolder.follower(out)
     with folder:
-        final = train(cfg, folder, backend, resuming=args.resume is not None, quiet=args.quiet, stop_at=args.steps)
+        try:
+            final = train(cfg, folder, backend, resuming=args.resume is not None, quiet=args.quiet, stop_at=args.steps)
+        except Exception as exc:
+            said = backend.peer_lost(exc) if ranks.distributed and isinstance(backend, Collective) else None
+            if said is None:
+                raise
+            print(f"nanguard train: rank {ranks.rank}: a peer process is gone (its collective: \"{said}\"); the "
+                  "run folder keeps the checkpoints written so far: resume it with --resume", file=sys.stderr)
+            return 1
     if not folder.writer:
         return 0 if final["status"] == "completed" else 1
     if args.json:
@@ -111,6 +119,12 @@ def _torchrun(launcher_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    import logging
+
+    # torchrun's own log lines (its OMP_NUM_THREADS notice, "Sending process ... SIGTERM", "failed
+    # (exitcode ...)"): the one line below says what they say
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
     try:
         run(parse_args(launcher_args))
     except SignalException as err:  # SIGTERM or SIGHUP to this process: torchrun has stopped the ranks
@@ -123,9 +137,11 @@ def _torchrun(launcher_args: list[str]) -> int:
         failed = sorted(err.failures.items())
         # the ranks torchrun stopped itself (SIGTERM) once one failed are not the ones at fault
         failed = [(rank, f) for rank, f in failed if f.exitcode != -signal.SIGTERM] or failed
-        ranks = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in failed)
-        print(f"nanguard train: {ranks} failed; its own message is above, and the run folder keeps the "
-              "checkpoints written so far", file=sys.stderr)
+        ranks = ", ".join(f"rank {rank} (killed by signal {-failure.exitcode})" if failure.exitcode < 0 else
+                          f"rank {rank} (exit code {failure.exitcode})" for rank, failure in failed)
+        own = "" if all(failure.exitcode < 0 for _, failure in failed) else "; its own message is above"
+        print(f"nanguard train: {ranks} failed{own}; the run folder keeps the checkpoints written so far "
+              "(resume it with --resume)", file=sys.stderr)
         return 2 if all(failure.exitcode == 2 for _, failure in failed) else 1
     except KeyboardInterrupt:
         return 130

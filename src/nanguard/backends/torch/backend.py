@@ -223,6 +223,9 @@ class TorchBackend:
     def gather(self, value: Any) -> list[Any]:
         return gather_objects(value) if self.ranks.distributed else [value]
 
+    def peer_lost(self, error: BaseException) -> str | None:
+        return _peer_lost(error)
+
     def close(self) -> None:
         if self.ranks.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -254,3 +257,15 @@ class TorchBackend:
 
 def create(device: str | None) -> TorchBackend:
     return TorchBackend(pick_device(device))
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed",
+              "NCCL communicator was aborted", "remote process exited", "Connection refused")
+
+
+def _peer_lost(error: BaseException) -> str | None:
+    text = str(error)
+    if not isinstance(error, RuntimeError):
+        return None
+    return next((marker for marker in _PEER_GONE if marker in text), None)
