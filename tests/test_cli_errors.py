@@ -139,3 +139,16 @@ def test_a_refused_multi_process_run_is_one_line_before_any_rank_starts(shapes, 
         _assert_user_error(_run("train", "--nproc", nproc, "--quiet", *argv), *needles)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and (taken / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]  # no lock file left in the user's folder
+
+
+def test_world_size_set_by_hand_without_a_launcher_is_one_line_before_the_folder(shapes, tmp_path, capsys, monkeypatch):
+    """WORLD_SIZE=2 with no torchrun address (MASTER_ADDR/PORT): refused in one line by the backend's
+    check, before the run folder exists (torch's own error would be a ValueError traceback after it)."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--quiet", "--out", str(tmp_path / "run"), *tiny_args(shapes)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no MASTER_ADDR or MASTER_PORT" in err and "--nproc" in err, err
+    assert not (tmp_path / "run").exists()

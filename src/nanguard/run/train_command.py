@@ -182,7 +182,9 @@ def _check_before_launch(args) -> None:
         cfg = _with_injections(load_config(args.config, args.overrides), args.inject)
         RunFolder.check_new(Path(args.out))
     require_tensorboard(cfg.train.tensorboard)
-    world = {"WORLD_SIZE": str(args.nproc), "RANK": "0", "LOCAL_RANK": "0"}
+    # what rank 0 will see (torchrun's address: any, nothing connects here)
+    world = {"WORLD_SIZE": str(args.nproc), "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": "29500"}
     before = {name: os.environ.get(name) for name in world}
     try:
         os.environ.update(world)  # what rank 0 will see

@@ -14,7 +14,7 @@ import numpy as np
 
 from nanguard.backends.shared import split_decay
 from nanguard.backends.torch.devicestate import LossScaler, LRSchedule, to_host
-from nanguard.backends.torch.distributed import RankAgreement, gather_objects, init_process_group
+from nanguard.backends.torch.distributed import RankAgreement, check_launcher_env, gather_objects, init_process_group
 from nanguard.backends.torch.faults import TorchFaults
 from nanguard.backends.torch.guard import GuardedStep, send
 from nanguard.backends.torch.model import build_model, read_tensor_file
@@ -83,6 +83,7 @@ class TorchBackend:
         self.training = False
 
     def check_config(self, cfg: Config) -> None:
+        check_launcher_env(Ranks.from_env())  # before the run folder exists
         if cfg.model.weights:  # a file that does not load is refused before the run folder exists
             read_tensor_file(Path(cfg.model.weights), "model.weights")
 

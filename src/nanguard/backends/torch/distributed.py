@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from nanguard.errors import UserError
+
 if TYPE_CHECKING:
     from nanguard.run.ranks import Ranks
 
@@ -47,8 +49,18 @@ def init_process_group(device: torch.device, ranks: Ranks) -> torch.device:
             dist.init_process_group(backend, store=dist.PrefixStore(f"nanguard/restart_{ranks.restarts}", store),
                                     rank=ranks.rank, world_size=ranks.world)
         else:
+            check_launcher_env(ranks)
             dist.init_process_group(backend)
     return device
+
+
+def check_launcher_env(ranks: Ranks) -> None:
+    """Several processes need the address torchrun gives them: without it (WORLD_SIZE set by hand),
+    one line instead of torch's ValueError traceback."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if ranks.distributed and missing:
+        raise UserError(f"WORLD_SIZE={ranks.world} in the environment but no {' or '.join(missing)}: start the "
+                        "processes with `nanguard train --nproc N` (torchrun sets them), or unset WORLD_SIZE")
 
 
 class RankAgreement:
