@@ -28,6 +28,8 @@ from nanguard.guard import FaultPlan
 
 # config `backend` -> the module whose `create(device: str | None) -> Backend` builds it
 BACKENDS = {"torch": "nanguard.backends.torch.backend", "mindspore": "nanguard.backends.mindspore.backend"}
+# the module whose `launch(launcher_args) -> int` starts several processes (`nanguard train --nproc N`)
+LAUNCHERS = {"torch": "nanguard.backends.torch.launch"}
 
 
 @dataclass
@@ -159,3 +161,13 @@ def create_backend(name: str, device: str | None) -> Backend:
         raise UserError(f"backend={name}: its framework is not installed ({exc.name}); `make install` "
                         "installs the torch backend") from None
     return module.create(device)
+
+
+def launcher(name: str):
+    """The module that launches several processes of backend `name` (`launch(launcher_args) -> int`)."""
+    if name not in LAUNCHERS:
+        raise UserError(f"backend={name}: no launcher for several processes; use backend=torch for --nproc")
+    try:
+        return importlib.import_module(LAUNCHERS[name])
+    except ImportError as exc:
+        raise UserError(f"--nproc: torch is not installed ({exc.name}); `make install` installs it") from None
