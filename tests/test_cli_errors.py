@@ -152,3 +152,23 @@ def test_world_size_set_by_hand_without_a_launcher_is_one_line_before_the_folder
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no MASTER_ADDR or MASTER_PORT" in err and "--nproc" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_nproc_far_beyond_the_cores_abbreviations_and_a_repeated_nproc(shapes, tmp_path, capsys, monkeypatch):
+    """--nproc beyond twice the cores is refused before anything starts; an abbreviated option is not
+    taken for another (`--npr 2` is no `--nproc 2`); --nproc given twice: the last counts and no rank
+    sees either."""
+    from nanguard.run import train_command
+
+    out = tmp_path / "run"
+    assert main(["train", "--nproc", str(2 * (os.cpu_count() or 1) + 1), "--out", str(out), *tiny_args(shapes)]) == 2
+    assert "more than twice this machine's" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--npr", "2", "--out", str(out), *tiny_args(shapes)])
+    assert done.value.code == 2 and "--npr" in capsys.readouterr().err and not out.exists()
+    launched = []
+    monkeypatch.setattr(train_command, "_torchrun", lambda launcher_args: launched.append(launcher_args) or 0)
+    assert main(["train", "--nproc", "2", "--out", str(out), *tiny_args(shapes), "--nproc=1", "--nproc", "2"]) == 0
+    [launcher_args] = launched
+    assert "--nproc-per-node=2" in launcher_args and not [a for a in launcher_args if a.startswith("--nproc=")]
+    assert "--nproc" not in launcher_args

@@ -44,13 +44,13 @@ def _yaml_value(value) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nanguard",
+        prog="nanguard", allow_abbrev=False,  # `--npr 2` is not `--nproc 2`: a typo must not pass silently
         description="Train Faster R-CNN so that a NaN or Inf can neither kill nor silently ruin a run.",
     )
     parser.add_argument("--version", action="version", version=f"nanguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("synth", help="generate a COCO dataset of coloured shapes")
+    p = sub.add_parser("synth", allow_abbrev=False, help="generate a COCO dataset of coloured shapes")
     p.add_argument("out", metavar="OUT", help="output folder (annotations/, train/, val/)")
     p.add_argument("--images", type=int, default=2000, help="training images (default 2000)")
     p.add_argument("--val-images", type=int, default=200, help="validation images (default 200)")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
-    p = sub.add_parser("audit", help="find boxes and images that can turn into NaN, before training")
+    p = sub.add_parser("audit", allow_abbrev=False, help="find boxes and images that can turn into NaN, before training")
     p.add_argument("ann", metavar="ANN.json", help="COCO detection annotation file")
     p.add_argument("--images", metavar="DIR", help="image folder: check files exist, decode and measure them")
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write findings as JSON")
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, metavar="N", help="decoding processes (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
-    p = sub.add_parser("train", help="train a Faster R-CNN (guarded)", epilog=_config_keys(),
+    p = sub.add_parser("train", allow_abbrev=False, help="train a Faster R-CNN (guarded)", epilog=_config_keys(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=0.01")
     p.add_argument("--config", metavar="FILE|PRESET", default=None,
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print final.json to stdout")
 
-    p = sub.add_parser("eval", help="COCO mAP of a run or checkpoint on the validation set")
+    p = sub.add_parser("eval", allow_abbrev=False, help="COCO mAP of a run or checkpoint on the validation set")
     p.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.val_ann=FILE data.val_images=DIR")
     p.add_argument("--detections", metavar="OUT.json", help="write COCO-format detections")
@@ -95,13 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
-    p = sub.add_parser("diagnose", help="replay a run's incidents: transient or not, the first bad op, the culprits")
+    p = sub.add_parser("diagnose", allow_abbrev=False, help="replay a run's incidents: transient or not, the first bad op, the culprits")
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("--incident", type=int, default=None, metavar="STEP", help="only the incident at STEP")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--json", action="store_true", help="print the diagnoses as JSON")
 
-    p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, incidents, audit, final numbers")
+    p = sub.add_parser("report", allow_abbrev=False, help="write RUN_DIR/report.html: curves, incidents, audit, final numbers")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (nanguard train --out)")
     p.add_argument("--quiet", action="store_true", help="do not print the path written")
     return parser

@@ -96,17 +96,24 @@ def _restarted_here(args) -> bool:
 def _launch(args) -> int:
     """`--nproc N`: the same command on N processes through torch.distributed's own launcher (torchrun),
     which sets RANK / WORLD_SIZE for each; this process waits for them and returns their exit code."""
+    import os
+
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: must be >= 1")
+    cores = os.cpu_count() or 1
+    if args.nproc > 2 * cores:  # each rank is a whole training process: far more would only thrash
+        raise UserError(f"--nproc {args.nproc}: more than twice this machine's {cores} CPU cores; use one process "
+                        "per GPU, or at most one per core on a CPU")
     if args.resume is None and args.out is None:
         raise UserError("--nproc needs --out RUN_DIR (every rank must name the same folder)")
     _check_before_launch(args)
-    argv = list(args.argv)
-    if "--nproc" in argv:
-        i = argv.index("--nproc")
-        del argv[i:i + 2]
-    else:
-        argv = [a for a in argv if not a.startswith("--nproc=")]
+    argv, rest = [], list(args.argv)
+    while rest:  # every --nproc (given twice, the last counts, as argparse reads it): none for the ranks
+        arg = rest.pop(0)
+        if arg == "--nproc":
+            rest = rest[1:]
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
     return _torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "nanguard", *argv])
 
 
