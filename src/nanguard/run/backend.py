@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ from nanguard.guard import FaultPlan
 
 # config `backend` -> the module whose `create(device: str | None) -> Backend` builds it
 BACKENDS = {"torch": "nanguard.backends.torch.backend", "mindspore": "nanguard.backends.mindspore.backend"}
+# What a backend's framework reads from the environment once, when it is first imported (a user's own
+# value wins): MindSpore's C++ log at errors only, or its warnings (a compile cache in use, side-effect
+# nodes eliminated) flood a `--quiet` run's stderr. A user's own loop that imports MindSpore keeps its log.
+IMPORT_ENV = {"mindspore": {"GLOG_v": "3"}}
 # the module whose `launch(launcher_args) -> int` starts several processes (`nanguard train --nproc N`)
 LAUNCHERS = {"torch": "nanguard.backends.torch.launch"}
 
@@ -155,6 +160,8 @@ def ranks_apart(digests: list[str]) -> list[int]:
 def create_backend(name: str, device: str | None) -> Backend:
     if name not in BACKENDS:
         raise UserError(f"backend={name!r} is not available; choose one of {', '.join(BACKENDS)}")
+    for variable, value in IMPORT_ENV.get(name, {}).items():
+        os.environ.setdefault(variable, value)
     try:
         module = importlib.import_module(BACKENDS[name])
     except ImportError as exc:

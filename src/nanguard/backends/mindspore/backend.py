@@ -44,7 +44,6 @@ MAX_BOXES = 32  # ground-truth slots per image; boxes beyond are reported (a not
 
 
 def _ms():
-    os.environ.setdefault("GLOG_v", "3")  # MindSpore's own log: errors only (its warnings flood a run's stderr)
     try:
         import mindspore
     except ImportError:
