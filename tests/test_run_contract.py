@@ -109,6 +109,12 @@ def test_a_resume_that_cannot_continue_exits_2_and_changes_nothing(fake_backend,
     before = snapshot(out)
     said = refused()
     assert "none of its 2 checkpoint(s) loads" in said and "nothing was changed" in said
+    for p in checkpoints:  # set aside as damaged by an earlier resume, none left: no restart from step 0
+        p.rename(p.with_name(p.name + ".damaged"))
+    before = snapshot(out)
+    assert "every checkpoint was set aside as damaged" in refused()
+    for p in checkpoints:
+        p.with_name(p.name + ".damaged").rename(p)
     for p in checkpoints:  # another backend's checkpoints (config.yaml edited, or files copied in)
         p.unlink()
         p.with_suffix(".pt").write_bytes(originals[p])

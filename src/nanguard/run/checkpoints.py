@@ -73,13 +73,18 @@ class Checkpoints:
         are another backend's, nothing is renamed: a UserError, and the run is as it was."""
         found = list_checkpoints(self.run_dir, self.suffix)
         if not found:
-            foreign = sorted(p.name for p in checkpoint_dir(self.run_dir).glob("step_*")
-                             if p.is_file() and not p.name.endswith(".damaged") and ".damaged." not in p.name) \
+            others = sorted(p.name for p in checkpoint_dir(self.run_dir).glob("step_*") if p.is_file()) \
                 if checkpoint_dir(self.run_dir).is_dir() else []
+            aside = [name for name in others if ".damaged" in name]
+            foreign = [name for name in others if ".damaged" not in name]
             if foreign:
                 raise UserError(f"{checkpoint_dir(self.run_dir)}: its checkpoints ({foreign[-1]}, ...) are not "
                                 f"{self.suffix} files, the backend in config.yaml writes; set the backend "
                                 "that wrote them (backend=...) in config.yaml, or start a new run with --out")
+            if aside:  # trained, but every checkpoint was set aside: not a run that never saved one
+                raise UserError(f"{checkpoint_dir(self.run_dir)}: every checkpoint was set aside as damaged "
+                                f"({aside[-1]}, ...); nothing was changed: copy intact checkpoints back into it, "
+                                "or start a new run with --out")
             return None
         problems: list[tuple[Path, str]] = []
         for _, path in reversed(found):
