@@ -152,16 +152,7 @@ def test_a_rank_killed_without_restarts_ends_the_job_in_seconds_and_the_run_resu
     torchrun's agent notices a dead rank within 0.1 s and stops the others, SIGKILL after 30 s), one line
     from each process that saw it, no traceback; `--resume` on two ranks then ends as the straight run."""
     run = tmp_path / "killed"
-    launcher = subprocess.Popen([sys.executable, "-m", "nanguard", "train", "--nproc", "2", "--quiet", "--out", str(run),
-                                 f"data.root={shapes}", *ARGS, *FAULTY], cwd=REPO,
-                                env=dict(os.environ, PYTHONPATH=str(REPO / "src")), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(lines(run / "metrics.jsonl")) < 7:  # past step 6's checkpoint
-        time.sleep(0.05)
-    pid = rank_pid(run, 1)
-    assert pid is not None, "rank 1 not found"
-    os.kill(pid, signal.SIGKILL)
+    launcher = kill_rank_1([sys.executable, "-m", "nanguard", "train", "--nproc", "2"], run, shapes, after_steps=7)
     killed = time.monotonic()
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 1 and time.monotonic() - killed < 40, err[-3000:]
@@ -174,6 +165,21 @@ def test_a_rank_killed_without_restarts_ends_the_job_in_seconds_and_the_run_resu
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert [r["step"] for r in lines(run / "metrics.jsonl")] == list(range(15))
     assert [(r["step"], r["kind"], r["rank"]) for r in lines(run / "injections.jsonl")] == [(4, "grad_nan", 1)]
+
+
+def kill_rank_1(launch: list[str], run: Path, shapes: Path, after_steps: int) -> subprocess.Popen:
+    """`launch` + `--quiet --out RUN` and the FAULTY config, started; rank 1 SIGKILLed once
+    `after_steps` steps are logged. Returns the launcher, still running."""
+    launcher = subprocess.Popen([*launch, "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS, *FAULTY], cwd=REPO,
+                                env=dict(os.environ, PYTHONPATH=str(REPO / "src")), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(lines(run / "metrics.jsonl")) < after_steps:
+        time.sleep(0.05)
+    pid = rank_pid(run, 1)
+    assert pid is not None, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    return launcher
 
 
 def rank_pid(run: Path, rank: int) -> int | None:
@@ -194,17 +200,8 @@ def rank_pid(run: Path, rank: int) -> int | None:
 
 def test_a_killed_rank_is_restarted_by_torchrun_and_ends_as_the_uninterrupted_run(straight, shapes, tmp_path):
     run = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-         "-m", "nanguard", "train", "--quiet", "--out", str(run), f"data.root={shapes}", *ARGS, *FAULTY],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(lines(run / "metrics.jsonl")) < 6:  # past step 3's checkpoint
-        time.sleep(0.2)
-    pid = rank_pid(run, 1)
-    assert pid is not None, "rank 1 not found"
-    os.kill(pid, signal.SIGKILL)
+    launcher = kill_rank_1([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            "--max-restarts=1", "-m", "nanguard", "train"], run, shapes, after_steps=6)
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err[-4000:]  # noqa
 
