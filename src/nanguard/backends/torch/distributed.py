@@ -48,15 +48,15 @@ def init_process_group(device: torch.device, ranks: Ranks) -> torch.device:
                                   timeout=timedelta(minutes=30))
             dist.init_process_group(backend, store=dist.PrefixStore(f"nanguard/restart_{ranks.restarts}", store),
                                     rank=ranks.rank, world_size=ranks.world)
-        else:
-            check_launcher_env(ranks)
+        else:  # the address torchrun gives: checked by the backend's check_config (`check_launcher_env`)
             dist.init_process_group(backend)
     return device
 
 
 def check_launcher_env(ranks: Ranks) -> None:
     """Several processes need the address torchrun gives them: without it (WORLD_SIZE set by hand),
-    one line instead of torch's ValueError traceback."""
+    one line instead of torch's ValueError traceback. `TorchBackend.check_config` calls it, before the
+    run folder exists."""
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if ranks.distributed and missing:
         raise UserError(f"WORLD_SIZE={ranks.world} in the environment but no {' or '.join(missing)}: start the "
