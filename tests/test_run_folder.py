@@ -96,6 +96,23 @@ def test_two_runs_into_the_same_new_folder(shapes, tmp_path):
     assert steps == sorted(set(steps)) == list(range(40))  # one writer: no interleaved lines
 
 
+def test_a_run_being_created_this_instant_is_in_use_not_foreign(shapes, tmp_path, capsys, fake_backend):
+    """The instant between another process's lock and its config.yaml, the folder holds that config's
+    temp file: a second `--out` into it says the folder is in use (the race above, made certain)."""
+    from nanguard.run.folder import _lock
+
+    run = tmp_path / "race"
+    run.mkdir()
+    held = _lock(run)  # the other process's lock, its config.yaml not yet renamed into place
+    try:
+        (run / ".config.yaml.k3j9_x.tmp").write_text("train: {}\n")
+        assert main(["train", "--quiet", "--out", str(run), *tiny_args(shapes)]) == 2
+        assert f"in use by process {os.getpid()}" in one_line_error(capsys)
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in run.iterdir()) == [".config.yaml.k3j9_x.tmp", ".nanguard.lock"]
+
+
 def test_kill_9_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

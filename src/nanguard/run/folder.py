@@ -79,7 +79,10 @@ class RunFolder:
             raise UserError(f"--out {path}: already holds a run; resume it with --resume {path} or pick "
                             "another --out")
         try:
-            others = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
+            # the lock, and the temp file of a config.yaml being written (another process creating a
+            # run here this instant: its lock then answers "in use by"), are nanguard's own
+            others = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE
+                            and not (p.name.startswith(f".{CONFIG_FILE}.") and p.name.endswith(".tmp")))
         except OSError as exc:
             raise io_error(path, exc, "read the run folder") from None
         if others:
