@@ -7,17 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from nanguard.backends.torch import checkpoint as ckpt
-import numpy as np
-
 from nanguard.backends.shared import split_decay
+from nanguard.backends.torch import checkpoint as ckpt
 from nanguard.backends.torch.devicestate import LossScaler, LRSchedule, to_host
 from nanguard.backends.torch.distributed import RankAgreement, check_launcher_env, gather_objects, init_process_group
 from nanguard.backends.torch.faults import TorchFaults
 from nanguard.backends.torch.guard import GuardedStep, send
-from nanguard.backends.torch.model import build_model, read_tensor_file
 from nanguard.backends.torch.replay import replay, write_replay
 from nanguard.backends.torch.step import NO_HOOKS, PlainStep, autocast, image_tensor, to_tensors
 from nanguard.config import Config
@@ -85,9 +83,12 @@ class TorchBackend:
     def check_config(self, cfg: Config) -> None:
         check_launcher_env(Ranks.from_env())  # before the run folder exists
         if cfg.model.weights:  # a file that does not load is refused before the run folder exists
-            read_tensor_file(Path(cfg.model.weights), "model.weights")
+            ckpt.read_tensor_file(Path(cfg.model.weights), "model.weights")
 
     def setup(self, cfg: Config, num_classes: int, *, train: bool = True) -> None:
+        # torchvision (1.5 s to import) only where a model is built: not in `--nproc`'s launcher
+        from nanguard.backends.torch.model import build_model
+
         self.cfg, self.num_classes, self.training = cfg, num_classes, train
         if not train:
             self.model = build_model(cfg.model, num_classes).to(self.device)

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from nanguard.backends.torch.model import tensor_file_problem
 from nanguard.errors import UserError
 from nanguard.fileio import atomic_write
 
@@ -51,3 +50,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_tensor_file(path: Path, what: str):
+    """torch.load with weights_only=True; any failure is the user's file, reported on one line."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file; check {what}")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a file; check {what}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise UserError(f"{path}: not a readable checkpoint ({tensor_file_problem(exc)}); use a file written by "
+                        "`nanguard train` or torch.save(state_dict)") from None
+
+
+def tensor_file_problem(exc: BaseException) -> str:
+    """A short, whole reason why torch.load failed (torch's own text is paragraphs long)."""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, OSError):
+        return (exc.strerror or exc.__class__.__name__).lower()
+    if "can still be loaded" in str(exc):  # weights_only met a pickled Python object
+        return "it holds Python objects, not only tensors; weights_only=True refuses them"
+    return "truncated or not a torch file"

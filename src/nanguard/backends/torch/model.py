@@ -31,6 +31,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from nanguard.backends.torch.checkpoint import read_tensor_file
 from nanguard.config import ModelConfig
 from nanguard.errors import UserError
 
@@ -170,27 +171,3 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     print(f"model.weights: loaded {len(usable)} of the model's {len(own)} tensors from {path} "
           f"({backbone_loaded} of {len(backbone)} backbone, {len(own) - len(usable)} left at random init)",
           file=sys.stderr)
-
-
-def read_tensor_file(path: Path, what: str):
-    """torch.load with weights_only=True; any failure is the user's file, reported on one line."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file; check {what}")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, not a file; check {what}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise UserError(f"{path}: not a readable checkpoint ({tensor_file_problem(exc)}); use a file written by "
-                        "`nanguard train` or torch.save(state_dict)") from None
-
-
-def tensor_file_problem(exc: BaseException) -> str:
-    """A short, whole reason why torch.load failed (torch's own text is paragraphs long)."""
-    if isinstance(exc, PermissionError):
-        return "permission denied"
-    if isinstance(exc, OSError):
-        return (exc.strerror or exc.__class__.__name__).lower()
-    if "can still be loaded" in str(exc):  # weights_only met a pickled Python object
-        return "it holds Python objects, not only tensors; weights_only=True refuses them"
-    return "truncated or not a torch file"

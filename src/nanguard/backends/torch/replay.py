@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 from nanguard.backends.torch.checkpoint import set_rng_state
 from nanguard.backends.torch.devicestate import DeviceSpikeDetector
 from nanguard.backends.torch.faults import TorchFaults
-from nanguard.backends.torch.model import build_model, tensor_file_problem
+from nanguard.backends.torch.checkpoint import tensor_file_problem
 from nanguard.backends.torch.step import autocast, to_tensors
 from nanguard.config import Config
 from nanguard.data.loader import Batch
@@ -115,6 +115,8 @@ class _Run:
 class Replayer:
     def __init__(self, bundle: dict[str, Any], cfg: Config, device: torch.device) -> None:
         self.bundle, self.cfg, self.device = bundle, cfg, device
+        from nanguard.backends.torch.model import build_model  # torchvision: only once a replay runs
+
         self.model = build_model(cfg.model, int(bundle["num_classes"])).to(device)
         self.images = [image.to(device) for image in bundle["images"]]
         self.targets = [{k: v.to(device) for k, v in target.items()} for target in bundle["targets"]]
