@@ -117,7 +117,8 @@ def test_progress_bar_does_not_change_the_bytes(small, tmp_path):
 
 @pytest.mark.parametrize("change, flag", [({"images": 0}, "--images"), ({"size": 16}, "--size"),
                                           ({"classes": 0}, "--classes"), ({"classes": 9}, "--classes"),
-                                          ({"val_images": -1}, "--val-images"), ({"seed": -3}, "--seed")])
+                                          ({"val_images": -1}, "--val-images"), ({"seed": -3}, "--seed"),
+                                          ({"size": 100_000}, "--size"), ({"images": 10**9}, "--images")])
 def test_bad_arguments(tmp_path, change, flag):
     with pytest.raises(UserError, match=flag):
         synth.generate(tmp_path / "ds", **{**SMALL, **change})

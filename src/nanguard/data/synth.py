@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from nanguard.config import MAX_IMAGE_SIDE
 from nanguard.errors import UserError
 from nanguard.fileio import atomic_write_bytes, atomic_write_json
 
@@ -41,6 +42,7 @@ GENERATOR = "nanguard synth"
 GENERATOR_VERSION = 1  # bump whenever the pixels or the json change, so cached datasets are remade
 
 MIN_SIZE = 32
+MAX_IMAGES = 1_000_000  # per split
 MAX_OBJECTS = 6
 SIDE_RANGE = (0.08, 0.45)  # object side, as a fraction of the image side
 MAX_IOU = 0.3
@@ -288,8 +290,11 @@ def check_params(*, images: int, val_images: int, size: int, classes: int, seed:
         raise UserError(f"--images must be at least 1 (got {images}); pass --images 2000 or any count >= 1")
     if val_images < 0:
         raise UserError(f"--val-images must be 0 or more (got {val_images}); pass --val-images 200")
-    if size < MIN_SIZE:
-        raise UserError(f"--size must be at least {MIN_SIZE} px (got {size}); pass --size 128")
+    if images > MAX_IMAGES or val_images > MAX_IMAGES:
+        raise UserError(f"--images and --val-images must be at most {MAX_IMAGES:,} (got {max(images, val_images):,}); "
+                        "a generated set that large is a typo: pass --images 2000")
+    if not MIN_SIZE <= size <= MAX_IMAGE_SIDE:
+        raise UserError(f"--size must be between {MIN_SIZE} and {MAX_IMAGE_SIDE} px (got {size}); pass --size 128")
     if not 1 <= classes <= len(SHAPES):
         raise UserError(f"--classes must be between 1 and {len(SHAPES)} (got {classes}); "
                         f"pass --classes 3 (shapes in order: {', '.join(SHAPES)})")
