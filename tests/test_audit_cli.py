@@ -68,6 +68,9 @@ UNUSABLE = {
     "annotations not a list": (b'{"images": [], "annotations": {}, "categories": []}', "'annotations'"),
     "a number": (b"42", "not a COCO detection file"),
     "binary": (bytes(range(256)), "not valid JSON"),
+    "nested past any depth": (b"[" * 100_000 + b"]" * 100_000, "nested thousands of levels deep"),
+    "nested in a record": (b'{"images": [], "categories": [], "annotations": [{"id": 1, "iscrowd": '
+                           + b"[" * 100_000 + b"]" * 100_000 + b"}]}", "nested thousands of levels deep"),
 }
 
 
@@ -83,6 +86,11 @@ def test_unusable_input_exits_2_with_one_line(tmp_path, capsys, case):
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
     assert str(path) in err and expected in err, err
+
+
+def test_a_device_is_not_read_without_end(capsys):
+    code, _, err = audit(capsys, Path("/dev/zero"), "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "/dev/zero: a device, not a file" in err, err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file, so an unreadable file cannot be made")

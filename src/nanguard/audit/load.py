@@ -30,7 +30,7 @@ import numpy as np
 
 from nanguard.data import literals
 # read_document is re-exported for its older importers: the shared reader is data's now
-from nanguard.data.cocofile import check_document, decode_full, gc_paused, mapped, not_json, read_bytes
+from nanguard.data.cocofile import check_document, decode_full, decoding, mapped, not_json, read_bytes
 from nanguard.data.cocofile import read_document  # noqa: F401
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -286,7 +286,7 @@ def _columns_from_loose(doc: dict[str, Any], literal_count: int) -> Columns:
 
 def load(path: str | Path, *, keep_document: bool = False) -> Loaded:
     """Read `path` into columns; with `keep_document`, also the full COCO dict (slower, more memory)."""
-    with gc_paused():
+    with decoding(Path(path)):
         return _load(Path(path), keep_document)
 
 

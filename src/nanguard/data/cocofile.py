@@ -31,8 +31,19 @@ def read_document(path: str | Path) -> dict[str, Any]:
     """The whole COCO dict (NaN / Infinity literals as floats): what training and evaluation read.
     `UserError` for a file that is missing, unreadable, not JSON or not COCO."""
     path = Path(path)
-    with gc_paused():
+    with decoding(path):
         return check_document(path, decode_full(path, has_literals=False))
+
+
+@contextmanager
+def decoding(path: Path) -> Iterator[None]:
+    """Around a decode of `path`: the cyclic GC paused (`gc_paused`), and JSON nested past Python's
+    recursion limit (`[[[[...` a hundred thousand deep) refused in one line instead of a traceback."""
+    try:
+        with gc_paused():
+            yield
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested thousands of levels deep, which no COCO file is; re-export it") from None
 
 
 @contextmanager
@@ -51,6 +62,9 @@ def gc_paused() -> Iterator[None]:
 
 def _open(path: Path):
     try:
+        # a pipe may carry a file (`<(zcat x.json.gz)`); a device never ends (/dev/zero, /dev/urandom)
+        if stat.S_ISCHR(path.stat().st_mode) or stat.S_ISBLK(path.stat().st_mode):
+            raise UserError(f"{path}: a device, not a file; pass a COCO annotation .json file")
         return path.open("rb")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; pass the path of a COCO annotation file (e.g. instances_train2017.json)") from None
