@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -243,3 +244,23 @@ def test_report_is_framework_free(tmp_path, run):
     result = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=60,
                             env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
+
+
+def test_hostile_run_files_are_notes_not_hangs(run, tmp_path):
+    """A FIFO as a log (a read would wait for a writer forever), /dev/zero as final.json (a read without
+    end), a line nested past Python's recursion limit, a step of 10^18: each a note or a point on a chart;
+    the report is written."""
+    (run / "incidents.jsonl").unlink()
+    os.mkfifo(run / "incidents.jsonl")
+    (run / "final.json").unlink()
+    (run / "final.json").symlink_to("/dev/zero")
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write("\n" + "[" * 100_000 + "]" * 100_000 + "\n" + json.dumps(metric(10**18, 0.5)) + "\n")
+    html = build_report(run)
+    assert "incidents.jsonl could not be read" in html and "final.json could not be read" in html
+    assert "not a regular file" in html and len(svgs(html)) == 4
+    long = tmp_path / "long"  # the step of 10^18 alone with step 0: two points, not 10^18 slots
+    long.mkdir()
+    (long / "config.yaml").write_text(CONFIG)
+    write_lines(long / "metrics.jsonl", [metric(0, 1.0), metric(10**18, 0.5)])
+    assert len(svgs(build_report(long))) == 4

@@ -146,6 +146,26 @@ def test_a_damaged_newest_checkpoint_falls_back_and_is_kept_aside(shapes, tmp_pa
     assert lines == list(range(6))  # steps 2 and 3 were trained again, logged once
 
 
+def test_a_fifo_or_a_device_among_the_checkpoints_is_set_aside_not_read(shapes, tmp_path, capsys, fake_backend):
+    """A reader would wait on a FIFO forever and read /dev/zero without end: such a 'checkpoint' is
+    damaged, put aside, and the run resumes from the one before it."""
+    from nanguard.run.checkpoints import list_checkpoints
+
+    run = tmp_path / "run"
+    assert main(["train", "--quiet", "--out", str(run), *tiny_args(shapes), *SHORT, "train.checkpoint_every=1"]) == 0
+    assert [step for step, _ in list_checkpoints(run, ".npz")][-2:] == [3, 4]
+    folder = run / "checkpoints"
+    (folder / "step_00000004.npz").unlink()
+    os.mkfifo(folder / "step_00000004.npz")
+    (folder / "step_00000005.npz").symlink_to("/dev/zero")
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--resume", str(run), "train.steps=6"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("not a regular file") == 2 and "an older checkpoint" in err, err
+    assert {p.name for p in folder.iterdir()} >= {"step_00000004.npz.damaged", "step_00000005.npz.damaged"}
+    assert [step for step, _ in list_checkpoints(run, ".npz")][-1] == 6
+
+
 def test_resume_overrides_are_recorded_and_fixed_keys_refused(shapes, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--quiet", "--out", str(run), *tiny_args(shapes), *SHORT, "--steps", "2"]) == 0

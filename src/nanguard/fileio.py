@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,21 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     return path
 
 
+def read_regular(path: str | os.PathLike[str], what: str, limit: int | None = None) -> bytes:
+    """The bytes of `path`, a regular file (of at most `limit` bytes). `UserError` otherwise: a FIFO or
+    a device (/dev/zero) as a config or a run file would block or never end, and a file far larger than
+    `what` can be is not one. Other I/O errors are the caller's to word (OSError)."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, and is then refused
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise UserError(f"{path}: not a regular file (a pipe, a device or a socket); pass {what} file")
+        data = handle.read() if limit is None else handle.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise UserError(f"{path}: larger than {limit:,} bytes, far too large for {what}; check the path")
+    return data
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return atomic_write(path, lambda handle: handle.write(data))
 
@@ -169,7 +185,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (a crash mid-append) is ignored."""
     records = []
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        text = read_regular(path, "a run log").decode("utf-8", errors="replace")
     except FileNotFoundError:
         return records
     except OSError as exc:
@@ -179,6 +195,6 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # torn, or nested past any record's depth
             continue
     return records

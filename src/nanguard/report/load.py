@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from nanguard.errors import UserError
-from nanguard.fileio import read_jsonl
+from nanguard.config import MAX_CONFIG_BYTES, load_yaml
+from nanguard.fileio import read_jsonl, read_regular
 
 CONFIG_FILE = "config.yaml"
 OPTIONAL_FILES = ("metrics.jsonl", "incidents.jsonl", "audit.json", "final.json")
@@ -100,7 +101,7 @@ def _read_lines(path: Path, notes: list[str], missing: str | None = "") -> list[
         return []
     try:
         records = read_jsonl(path)
-        lines = sum(1 for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
+        lines = sum(1 for line in read_regular(path, "a run log").decode("utf-8", "replace").splitlines() if line.strip())
     except (UserError, OSError) as err:
         notes.append(f"{path.name} could not be read ({err})")
         return []
@@ -116,8 +117,8 @@ def _read_json(path: Path, notes: list[str], missing: str = "") -> dict[str, Any
         notes.append(missing or f"{path.name} is missing")
         return None
     try:
-        document = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except (OSError, ValueError) as err:
+        document = json.loads(read_regular(path, "a run file").decode("utf-8", "replace"))
+    except (OSError, ValueError, UserError, RecursionError) as err:
         notes.append(f"{path.name} could not be read ({err.__class__.__name__}: {err})")
         return None
     if not isinstance(document, dict):
@@ -131,12 +132,12 @@ def load_run(run_dir: str | Path) -> RunData:
     path = check_run_dir(run_dir)
     data = RunData(path=path)
     try:
-        data.config_text = (path / CONFIG_FILE).read_text(encoding="utf-8", errors="replace")
-        config = yaml.safe_load(data.config_text)
+        data.config_text = read_regular(path / CONFIG_FILE, "a run config", MAX_CONFIG_BYTES).decode("utf-8", "replace")
+        config = load_yaml(data.config_text)
         data.config = config if isinstance(config, dict) else {}
         if not isinstance(config, dict):
             data.notes.append(f"{CONFIG_FILE} holds no settings; the spike band and settings are left out")
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, yaml.YAMLError, UserError) as err:
         data.notes.append(f"{CONFIG_FILE} could not be read ({err.__class__.__name__}); the spike band is left out")
     data.metrics = _read_lines(path / "metrics.jsonl", data.notes)
     audit_off = data.setting("data", "audit") in ("off", False)  # YAML 1.1 reads a bare off as false

@@ -89,6 +89,8 @@ class Checkpoints:
         problems: list[tuple[Path, str]] = []
         for _, path in reversed(found):
             try:
+                if not path.is_file():  # a FIFO or a device: a reader would block or never end
+                    raise UserError(f"{path}: not a regular file (a pipe, a device or a socket)")
                 state = self.backend.load_checkpoint(path)
                 missing = [k for k in ("run", "data", "backend", *META_KEYS) if k not in state]
                 if missing:

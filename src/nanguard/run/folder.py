@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nanguard.errors import UserError
-from nanguard.fileio import append_jsonl, atomic_write_text, dumps, read_jsonl
+from nanguard.fileio import append_jsonl, atomic_write_text, dumps, read_jsonl, read_regular
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".nanguard.lock"
@@ -140,9 +140,11 @@ class RunFolder:
     def read_config(self) -> dict[str, Any]:
         import yaml
 
+        from nanguard.config import MAX_CONFIG_BYTES, load_yaml
+
         path = self.path / CONFIG_FILE
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = load_yaml(read_regular(path, "a run config", MAX_CONFIG_BYTES).decode("utf-8"))
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
             raise UserError(f"{path}: unreadable run config; the run folder is damaged") from None
         if not isinstance(data, dict):

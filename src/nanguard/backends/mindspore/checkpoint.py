@@ -46,6 +46,8 @@ def save_checkpoint(path: str | os.PathLike[str], arrays: dict[str, np.ndarray],
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(arrays by name, meta); UserError naming the file for a damaged or foreign one."""
     path = Path(path)
+    if not path.is_file():  # a FIFO or a device: MindSpore's reader would block or never end
+        raise UserError(f"{path}: not a regular file; resume from another checkpoint or start the run again")
     try:
         loaded = ms.load_checkpoint(str(path))
         meta = json.loads(str(loaded.pop(META_KEY)))

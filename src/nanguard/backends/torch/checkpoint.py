@@ -58,6 +58,8 @@ def read_tensor_file(path: Path, what: str):
         raise UserError(f"{path}: no such file; check {what}")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a file; check {what}")
+    if not path.is_file():  # torch.load would wait on a FIFO forever, or read /dev/zero without end
+        raise UserError(f"{path}: not a regular file (a pipe, a device or a socket); check {what}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
