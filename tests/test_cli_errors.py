@@ -172,3 +172,16 @@ def test_nproc_far_beyond_the_cores_abbreviations_and_a_repeated_nproc(shapes, t
     [launcher_args] = launched
     assert "--nproc-per-node=2" in launcher_args and not [a for a in launcher_args if a.startswith("--nproc=")]
     assert "--nproc" not in launcher_args
+
+
+@pytest.mark.parametrize("argv", [["train", "--out", ""], ["train", "--resume", ""], ["eval", ""], ["report", ""],
+                                  ["diagnose", ""], ["audit", ""], ["synth", ""]])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(argv):
+    _assert_user_error(_run(*argv), "an empty path names nothing")
+
+
+@pytest.mark.parametrize("argv", [["train", "--out"], ["train", "--resume"], ["report"], ["diagnose"], ["audit"],
+                                  ["eval"], ["synth"]])
+def test_a_path_the_system_refuses_is_one_line_wherever_it_is_first_touched(argv, tmp_path):
+    too_long = str(tmp_path / ("a" * 300))  # one name past the file system's 255 bytes
+    _assert_user_error(_run(*argv, too_long), too_long, "name too long")

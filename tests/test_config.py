@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def test_overrides_are_typed():
     ("train.amp=fp8", "choose one of off, bf16, fp16"),
     ("train.steps=ten", "train.steps='ten' is not an integer"),
     ("train.lr=nan", "train.lr"),
-    ("train.batch_size=0", "train.batch_size=0 must be > 0"),
+    ("train.batch_size=0", "train.batch_size=0 must be in (0, 4096]"),
     ("policy.backoff_factor=2", "policy.backoff_factor"),
     ("guard.enabled=maybe", "not a boolean"),
     ("train.lr", "is not KEY=VALUE"),
@@ -53,7 +54,7 @@ def test_yaml_file_and_round_trip(tmp_path: Path):
 def test_bad_yaml_files(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(UserError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not a valid config at line 2"):
         load_config(str(bad))
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("trainn:\n  steps: 3\n")
@@ -63,6 +64,34 @@ def test_bad_yaml_files(tmp_path: Path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
+def test_a_config_is_refused_for_what_yaml_would_accept_silently_or_expand_without_end(tmp_path: Path):
+    """A key given twice (YAML keeps the last without a word), an alias bomb (nine lines, a billion
+    nodes), a FIFO or /dev/zero as the file (a read that blocks or never ends), a huge file, and a huge
+    value in a message: each one line, before anything is read past what a config can be."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  steps: 5\n  steps: 7\n")
+    with pytest.raises(UserError, match="at line 3: the key 'steps' given twice; keep one"):
+        load_config(str(twice))
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]\n'
+                    + "".join(f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefg", "bcdefgh"))
+                    + "train: *h\n")
+    with pytest.raises(UserError, match=r"at line 2: an alias \(\*a\); write the value out"):
+        load_config(str(bomb))
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # nothing ever writes to it: reading it would wait forever
+    for special in (fifo, Path("/dev/zero")):
+        with pytest.raises(UserError, match="not a regular file"):
+            load_config(str(special))
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(UserError, match="larger than 1,048,576 bytes"):
+        load_config(str(huge))
+    with pytest.raises(UserError) as err:
+        load_config("demo", ["train.steps=[" + ", ".join(["1"] * 100_000) + "]"])
+    assert len(str(err.value)) < 200 and "..." in str(err.value)
+
+
 def test_data_keys_must_come_together():
     with pytest.raises(UserError, match="set all four"):
         load_config("demo", ["data.train_ann=a.json"])
@@ -70,25 +99,25 @@ def test_data_keys_must_come_together():
 
 @pytest.mark.parametrize("override, expected", [
     # crashed inside torch
-    ("train.threads=-1", "train.threads=-1 must be >= 0"),
+    ("train.threads=-1", "train.threads=-1 must be in [0, 1024]"),
     ("train.momentum=-1", "train.momentum=-1.0 must be in [0, 1)"),
     ("train.momentum=1", "train.momentum=1.0 must be in [0, 1)"),
-    ("model.fpn_channels=0", "model.fpn_channels=0 must be > 0"),
-    ("eval.batch_size=0", "eval.batch_size=0 must be > 0"),
+    ("model.fpn_channels=0", "model.fpn_channels=0 must be in (0, 4096]"),
+    ("eval.batch_size=0", "eval.batch_size=0 must be in (0, 4096]"),
     # accepted silently but wrong
     ("train.weight_decay=-1", "train.weight_decay=-1.0 must be >= 0"),
     ("eval.max_images=-1", "eval.max_images=-1 must be >= 0"),
-    ("model.box_batch_size_per_image=0", "model.box_batch_size_per_image=0 must be > 0"),
+    ("model.box_batch_size_per_image=0", "model.box_batch_size_per_image=0 must be in (0, 100000]"),
     # the rest of the numeric keys
     ("seed=-1", "seed=-1"),
-    ("model.min_size=8", "model.min_size=8 must be >= 32"),
+    ("model.min_size=8", "model.min_size=8 must be in [32, 4096]"),
     ("model.representation_size=0", "model.representation_size"),
     ("model.rpn_pre_nms_top_n_train=0", "model.rpn_pre_nms_top_n_train"),
     ("model.rpn_post_nms_top_n_test=-5", "model.rpn_post_nms_top_n_test"),
     ("model.box_detections_per_img=0", "model.box_detections_per_img"),
     ("model.box_score_thresh=1.5", "model.box_score_thresh=1.5 must be in [0, 1)"),
     ("data.synth_images=0", "data.synth_images"),
-    ("data.synth_size=8", "data.synth_size=8 must be >= 32"),
+    ("data.synth_size=8", "data.synth_size=8 must be in [32, 4096]"),
     ("data.synth_classes=9", "data.synth_classes=9 must be in [1, 8]"),
     ("data.synth_seed=-2", "data.synth_seed"),
     ("data.synth_val_images=0", "data.synth_val_images=0 leaves nothing"),
@@ -101,6 +130,14 @@ def test_data_keys_must_come_together():
     ("guard.spike_threshold=0", "guard.spike_threshold"),
     ("guard.spike_min_ratio=0.5", "guard.spike_min_ratio=0.5 must be >= 1"),
     ("guard.clip_norm=-1", "guard.clip_norm"),
+    # the upper bounds: an extra zero or six refused before anything is allocated
+    ("model.min_size=100000", "model.min_size=100000 must be in [32, 4096]"),
+    ("data.synth_size=100000", "data.synth_size=100000 must be in [32, 4096]"),
+    ("data.prefetch=100000000", "data.prefetch=100000000 must be in [0, 64]"),
+    ("explain.replays=1000000000", "explain.replays=1000000000 must be in [1, 100]"),
+    ("explain.ring=100000", "explain.ring=100000 must be in [2, 64]"),
+    ("train.batch_size=1000000", "train.batch_size=1000000 must be in (0, 4096]"),
+    ("model.rpn_pre_nms_top_n_train=10000000", "model.rpn_pre_nms_top_n_train=10000000 must be in (0, 100000]"),
 ])
 def test_every_numeric_key_has_a_range(override, expected):
     with pytest.raises(UserError) as err:

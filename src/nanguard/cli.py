@@ -8,6 +8,7 @@ imported only when that command runs, so `nanguard audit` never imports torch an
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OSErrors that say a path itself is unusable: too long, a symlink loop, a file where a folder belongs
+PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR})
+# every argument that names a path (its dest: as the user sees it); '' names none, and would mean "."
+PATH_ARGS = {"out": "--out / OUT", "ann": "ANN.json", "images": "--images", "json_out": "--json OUT.json",
+             "fix": "--fix CLEAN.json", "config": "--config", "resume": "--resume", "target": "RUN_DIR|CHECKPOINT",
+             "detections": "--detections OUT.json", "run": "RUN_DIR", "run_dir": "RUN_DIR"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -118,10 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        for dest, flag in PATH_ARGS.items():
+            if getattr(args, dest, None) == "":
+                raise UserError(f"{flag}: an empty path names nothing; give the path")
         module = importlib.import_module(COMMANDS[args.command])
         return int(module.run(args))
     except UserError as err:
         print(f"nanguard {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None or err.errno not in PATH_ERRNOS:
+            raise
+        # a path the user gave that the system refuses outright, wherever it is first touched
+        print(f"nanguard {args.command}: error: {err.filename}: {err.strerror.lower()}; check the path",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nanguard {args.command}: interrupted", file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from nanguard.errors import UserError
+from nanguard.fileio import read_regular
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,11 @@ class PolicyConfig:
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"policy.{name} must be an integer >= 1, got {value!r}")
+                raise UserError(f"policy.{name} must be an integer >= 1, got {_short(value)}")
         for name in ("snapshot_healthy", "max_rollbacks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise UserError(f"policy.{name} must be an integer >= 0, got {value!r}")
+                raise UserError(f"policy.{name} must be an integer >= 0, got {_short(value)}")
         if self.loss_profile not in PROFILES:
             raise UserError(f"policy.loss_profile={self.loss_profile!r} is unknown; choose one of "
                             f"{', '.join(PROFILES)}")
@@ -237,6 +238,51 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------------------------------------------
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value) for an error message, cut to `limit` characters: a message is one line, whatever
+    the value (a list of a million items)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a config needs it. A key given twice is refused (YAML keeps the last, silently), and so
+    are aliases (`*name`): a few lines of them expand into billions of nodes (an alias bomb)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"an alias (*{event.anchor}); write the value out",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {_short(key, 40)} given twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """`text` parsed as a config's YAML (`_StrictLoader`); yaml.YAMLError when it is not one."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, in a few words: "at line 3: the key 'steps' given twice; keep one"."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark else ""
+    problem = getattr(exc, "problem", None)
+    return f"{where}: {problem}" if problem else where
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; a file far larger is not one
+
+
 # Building a Config from plain data, with errors that name the key.
 
 
@@ -260,42 +306,42 @@ def _convert(key: str, value: Any, annotation: Any, source: str) -> Any:
         if isinstance(value, bool) and ("off" if not value else "on") in args:
             value = "off" if not value else "on"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in args:
-            raise UserError(f"{source}: {key}={value!r} is not valid; choose one of {', '.join(map(str, args))}")
+            raise UserError(f"{source}: {key}={_short(value)} is not valid; choose one of {', '.join(map(str, args))}")
         return value
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
         if not isinstance(value, list):
-            raise UserError(f"{source}: {key} must be a list, got {value!r}")
+            raise UserError(f"{source}: {key} must be a list, got {_short(value)}")
         return [_convert(key, v, args[0], source) for v in value]
     if annotation is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")
-        raise UserError(f"{source}: {key}={value!r} is not a boolean; use true or false")
+        raise UserError(f"{source}: {key}={_short(value)} is not a boolean; use true or false")
     if annotation is int:
         if isinstance(value, bool):
-            raise UserError(f"{source}: {key}={value!r} is not an integer")
+            raise UserError(f"{source}: {key}={_short(value)} is not an integer")
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
         except (TypeError, ValueError):
-            raise UserError(f"{source}: {key}={value!r} is not an integer") from None
+            raise UserError(f"{source}: {key}={_short(value)} is not an integer") from None
     if annotation is float:
         if isinstance(value, bool):
-            raise UserError(f"{source}: {key}={value!r} is not a number")
+            raise UserError(f"{source}: {key}={_short(value)} is not a number")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise UserError(f"{source}: {key}={value!r} is not a number") from None
+            raise UserError(f"{source}: {key}={_short(value)} is not a number") from None
         if number != number or number in (float("inf"), float("-inf")):
-            raise UserError(f"{source}: {key}={value!r} must be a finite number")
+            raise UserError(f"{source}: {key}={_short(value)} must be a finite number")
         return number
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise UserError(f"{source}: {key}={value!r} must be a string")
+            raise UserError(f"{source}: {key}={_short(value)} must be a string")
         return str(value)
     return value
 
@@ -344,7 +390,7 @@ def apply_override(cfg: Config, override: str) -> Config:
     key, raw = override.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if raw.strip().lower() in ("on", "off", "yes", "no", "y", "n", "nan", ".nan", "inf", ".inf"):
@@ -373,13 +419,11 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
         if not path.exists():
             raise UserError(f"--config {name}: no such file or preset; presets: {', '.join(PRESETS)}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = load_yaml(read_regular(path, "a config", MAX_CONFIG_BYTES).decode("utf-8")) or {}
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: cannot read the config ({exc.__class__.__name__}); check the file") from None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"{path}: not valid YAML{where}; fix the syntax") from None
+            raise UserError(f"{path}: not a valid config{yaml_problem(exc)}") from None
         cfg = _merge_into(cfg, data, "", str(path))
     for override in overrides:
         cfg = apply_override(cfg, override)
@@ -397,50 +441,56 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
 # The range of every numeric key: (low, high, low inclusive, high inclusive); None = unbounded.
 # A value outside crashes deep inside torch (threads=-1, fpn_channels=0, eval.batch_size=0) or trains
 # wrongly without a word (weight_decay=-1 grows the weights, box_batch_size_per_image=0 samples no ROI).
+# The upper bounds are far beyond any real use; they stop a typo (an extra zero or six) from asking for
+# more memory than a machine has, before anything is allocated.
+MAX_IMAGE_SIDE = 4096  # px: an image resized beyond it (or generated beyond it) is a typo
 _AT_LEAST_0 = (0, None, True, False)
 _POSITIVE = (0, None, False, False)
+_SIDE = (32, MAX_IMAGE_SIDE, True, True)  # below the backbone's stride-32 level there is no feature map
+_COUNT = (0, 100_000, False, True)  # boxes, proposals, RoIs, detections: an image's worth, with room
+_BATCH = (0, 4096, False, True)
 RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "seed": (0, 2**63 - 1, True, True),  # numpy's generators refuse negative seeds
-    "model.min_size": (32, None, True, False),  # below the backbone's stride-32 level there is no feature map
-    "model.max_size": (32, None, True, False),
-    "model.fpn_channels": _POSITIVE,
-    "model.representation_size": _POSITIVE,
-    "model.rpn_pre_nms_top_n_train": _POSITIVE,
-    "model.rpn_post_nms_top_n_train": _POSITIVE,
-    "model.rpn_pre_nms_top_n_test": _POSITIVE,
-    "model.rpn_post_nms_top_n_test": _POSITIVE,
-    "model.box_batch_size_per_image": _POSITIVE,
-    "model.box_detections_per_img": _POSITIVE,
+    "model.min_size": _SIDE,
+    "model.max_size": _SIDE,
+    "model.fpn_channels": (0, 4096, False, True),
+    "model.representation_size": (0, 16384, False, True),
+    "model.rpn_pre_nms_top_n_train": _COUNT,
+    "model.rpn_post_nms_top_n_train": _COUNT,
+    "model.rpn_pre_nms_top_n_test": _COUNT,
+    "model.rpn_post_nms_top_n_test": _COUNT,
+    "model.box_batch_size_per_image": _COUNT,
+    "model.box_detections_per_img": _COUNT,
     "model.box_score_thresh": (0, 1, True, False),
-    "data.synth_images": _POSITIVE,
-    "data.synth_val_images": _AT_LEAST_0,
-    "data.synth_size": (32, None, True, False),  # nanguard synth's own minimum
+    "data.synth_images": (0, 1_000_000, False, True),
+    "data.synth_val_images": (0, 1_000_000, True, True),
+    "data.synth_size": _SIDE,  # nanguard synth's own range
     "data.synth_classes": (1, 8, True, True),  # the eight shapes nanguard synth draws
     "data.synth_seed": _AT_LEAST_0,
-    "data.prefetch": _AT_LEAST_0,
-    "train.steps": _AT_LEAST_0,
-    "train.batch_size": _POSITIVE,
+    "data.prefetch": (0, 64, True, True),  # batches held in memory ahead of the step
+    "train.steps": (0, 10**12, True, True),
+    "train.batch_size": _BATCH,
     "train.lr": _POSITIVE,
     "train.momentum": (0, 1, True, False),
     "train.weight_decay": _AT_LEAST_0,
-    "train.warmup_steps": _AT_LEAST_0,
+    "train.warmup_steps": (0, 10**12, True, True),
     "train.min_lr_ratio": (0, 1, True, True),
     "train.log_every": _POSITIVE,
     "train.checkpoint_every": _POSITIVE,
     "train.keep_checkpoints": _POSITIVE,
-    "train.threads": _AT_LEAST_0,  # 0 = torch's default
+    "train.threads": (0, 1024, True, True),  # 0 = torch's default
     "guard.clip_norm": _AT_LEAST_0,  # 0 = no clipping
     "guard.param_check_every": _POSITIVE,
     "guard.param_abs_max": _POSITIVE,
-    "guard.spike_window": _POSITIVE,
+    "guard.spike_window": (0, 100_000, False, True),  # a window of losses kept on the device
     "guard.spike_min_history": _POSITIVE,
     "guard.spike_threshold": _POSITIVE,
     "guard.spike_min_ratio": (1, None, True, False),  # a spike is above the median, never below it
-    "eval.batch_size": _POSITIVE,
+    "eval.batch_size": _BATCH,
     "eval.max_images": _AT_LEAST_0,  # 0 = the whole split
-    "explain.ring": (2, None, True, False),  # the bad step and the one after it, at least
-    "explain.keep": _AT_LEAST_0,
-    "explain.replays": _POSITIVE,
+    "explain.ring": (2, 64, True, True),  # the bad step and the one after it, at least; batches in memory
+    "explain.keep": (0, 100_000, True, True),
+    "explain.replays": (1, 100, True, True),  # runs of one step: more tell nothing new
 }
 
 
