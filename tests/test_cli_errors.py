@@ -185,3 +185,14 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(argv):
 def test_a_path_the_system_refuses_is_one_line_wherever_it_is_first_touched(argv, tmp_path):
     too_long = str(tmp_path / ("a" * 300))  # one name past the file system's 255 bytes
     _assert_user_error(_run(*argv, too_long), too_long, "name too long")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["train.steps=4", "--steps", "10"], "--steps 10 is past train.steps=4"),
+    (["train.steps=4", "--inject", "grad_nan@4"], "step 4 is never taken"),
+    (["train.steps=4", "--inject", "lr_spike@2:rank=1"], "rank 1 does not exist on 1 process"),
+])
+def test_what_the_run_would_never_reach_is_refused_before_the_folder(shapes, tmp_path, extra, needle):
+    """A fault that would never fire (the run would look clean) and --steps past the run's end."""
+    _assert_user_error(_run("train", "--quiet", "--out", str(tmp_path / "run"), *tiny_args(shapes), *extra), needle)
+    assert not (tmp_path / "run").exists()

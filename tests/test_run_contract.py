@@ -19,8 +19,8 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def run(out: Path, shapes: Path, *extra: str) -> dict:
-    assert main(["train", "--quiet", "--out", str(out), *tiny_args(shapes), *STEPS, *extra]) == 0
+def run(out: Path, shapes: Path, *extra: str, code: int = 0) -> dict:
+    assert main(["train", "--quiet", "--out", str(out), *tiny_args(shapes), *STEPS, *extra]) == code
     return json.loads((out / "final.json").read_text())
 
 
@@ -71,9 +71,10 @@ def test_stopped_and_resumed_ends_bit_identical(fake_backend, shapes, tmp_path):
 def test_unguarded_nothing_is_decided_and_numbers_are_read_every_log_every_steps(fake_backend, shapes, tmp_path):
     """guard.enabled=false: the step is the plain one (a NaN gradient goes into the weights), the run
     reads the step's numbers only on the train.log_every grid and at the end, and writes no incident."""
-    final = run(tmp_path / "plain", shapes, "guard.enabled=false", "train.log_every=5", "--inject", "grad_nan@2")
-    assert final["status"] == "completed" and final["skipped_steps"] == 0 and final["incidents"] == 0
-    assert not final["weights_finite"]
+    final = run(tmp_path / "plain", shapes, "guard.enabled=false", "train.log_every=5", "--inject", "grad_nan@2", code=1)
+    assert final["skipped_steps"] == 0 and final["incidents"] == 0
+    # NaN weights at the end are never a success: diverged, with the reason
+    assert not final["weights_finite"] and final["status"] == "diverged" and "guard.enabled=false" in final["verdict"]
     assert [r["step"] for r in lines(tmp_path / "plain" / "metrics.jsonl")] == [0, 5, 10, 11]
     assert not (tmp_path / "plain" / "incidents.jsonl").exists() or lines(tmp_path / "plain" / "incidents.jsonl") == []
 

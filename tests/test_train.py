@@ -140,8 +140,9 @@ def test_injected_faults_are_survived_and_recorded(shapes, tmp_path):
     assert [r["kind"] for r in injected] == ["loss_nan", "nan_input", "weight_bitflip"]
 
     unguarded = tmp_path / "unguarded"
-    assert main(["train", "--quiet", "--out", str(unguarded), *common, "guard.enabled=false"]) == 0
-    assert json.loads((unguarded / "final.json").read_text())["weights_finite"] is False
+    assert main(["train", "--quiet", "--out", str(unguarded), *common, "guard.enabled=false"]) == 1  # not a success
+    final = json.loads((unguarded / "final.json").read_text())
+    assert final["weights_finite"] is False and final["status"] == "diverged"
 
 
 def test_a_checkpoint_is_written_only_once_the_steps_after_it_were_healthy(shapes, tmp_path):

@@ -306,6 +306,12 @@ class Training:
                 final["verdict"] = (f"the ranks' parameters differ at the end ({len(set(digests))} distinct digests; "
                                     f"ranks {ranks_apart(digests)} differ from the majority); the run cannot "
                                     "be trusted: resume from the last checkpoint")
+        if not final["weights_finite"] and final["status"] == "completed":  # never reported as a success
+            final["status"] = "diverged"
+            final["verdict"] = ("the weights hold NaN or Inf at the end (guard.enabled=false: nothing kept them out); "
+                                "nothing trained here can be used: train again with the guard on"
+                                if not cfg.guard.enabled else
+                                "the weights hold NaN or Inf at the end; resume from the last checkpoint")
         if cfg.train.eval_at_end and folder.writer:
             final.update(evaluate_run(cfg, backend, self.paths, self.train_index.category_ids, self.quiet, folder))
         folder.write_json("final.json", json_safe(final))
