@@ -119,6 +119,12 @@ def test_eval_data_root_override_takes_effect(run_copy, shapes, tmp_path, capsys
     (["data.val_ann=/no/such.json", "data.val_images=/tmp"], ["/no/such.json"]),
     (["data.roots=x"], ["data.roots", "data.root"]),
     (["data={}"], ["data.* keys one by one"]),
+    # not data.*: what eval would apply and never read
+    (["train.lr=5"], ["train.lr", "no effect on eval"]),
+    (["guard.clip_norm=1"], ["guard.clip_norm", "no effect on eval"]),
+    (["seed=3"], ["seed", "no effect on eval"]),
+    (["model.fpn_channels=8"], ["model.fpn_channels", "fixed by the checkpoint"]),
+    (["model.box_batch_size_per_image=8"], ["model.box_batch_size_per_image", "no effect on eval"]),
 ])
 def test_eval_data_overrides_that_cannot_take_effect_are_refused(run_copy, shapes, overrides, needles, capsys):
     overrides = [o.replace("ROOT", str(shapes)) for o in overrides]

@@ -27,6 +27,9 @@ _TRAINING_ONLY = {
     "data.hflip": "eval does not augment",
     "data.prefetch": "eval does not prefetch",
 }
+# The keys eval reads besides data.*: how images are resized, proposed, scored and kept, and batched.
+_EVAL_KEYS = ("model.min_size", "model.max_size", "model.rpn_pre_nms_top_n_test", "model.rpn_post_nms_top_n_test",
+              "model.box_detections_per_img", "model.box_score_thresh", "eval.batch_size", "eval.max_images")
 _SYNTH_KEYS = ("data.synth_images", "data.synth_val_images", "data.synth_size", "data.synth_classes",
                "data.synth_seed")
 
@@ -97,6 +100,18 @@ def validation_paths(run_cfg, overrides: list[str], quiet: bool):
     return paths.val_ann, paths.val_images
 
 
+def _check_eval_key(key: str) -> None:
+    """An override eval would apply and never use is refused, not dropped: the training keys, and the
+    model's shape, which the checkpoint fixes."""
+    if key in _EVAL_KEYS or key in ("eval", "model.weights"):  # model.weights: its own message below
+        return
+    training_only = key.endswith("_train") or key == "model.box_batch_size_per_image"
+    if (key.startswith("model.") or key in ("model", "backend")) and not training_only:
+        raise UserError(f"{key}: fixed by the checkpoint (eval builds the model it holds); drop it")
+    raise UserError(f"{key}: has no effect on eval, which reads data.val_* / data.root, "
+                    f"{', '.join(_EVAL_KEYS)}; drop it")
+
+
 def _check_detections_path(path: Path) -> None:
     """nanguard never overwrites a file it did not write; the detections path is a new file."""
     if path.is_dir():
@@ -134,6 +149,7 @@ def run(args) -> int:
     cfg = run_cfg
     for override in args.overrides:
         if not _is_data_key(override):
+            _check_eval_key(_key(override))
             cfg = apply_override(cfg, override)
     validate(dataclasses.replace(cfg, data=run_cfg.data))
     if any(_key(o) == "model.weights" for o in args.overrides):
