@@ -515,6 +515,29 @@ def test_eval_skips_an_image_too_thin_to_resize(run_copy, shapes, tmp_path, caps
     assert len(warning) == 1 and "20000x20" in warning[0] and "skipped" in warning[0]
 
 
+def test_the_validation_split_never_costs_the_training(shapes, tmp_path, capsys, fake_backend):
+    """A missing validation image is refused before step 0 (not found after the whole training); one
+    present but truncated is left out of the evaluation with a warning, and the run still ends with its
+    final.json. A training split with no annotation at all is refused: nothing to learn."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    first, second = sorted((data / "val").iterdir())[:2]
+    second.unlink()
+    args = ["train", "--quiet", f"data.root={data}", "model.min_size=64", "model.max_size=64", "train.steps=2",
+            "train.batch_size=2"]
+    one_line_error(capsys, main([*args, "--out", str(tmp_path / "a")]), second.name, "is not a file", "1 of 8 are missing")
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()  # no step was trained
+    shutil.copy(shapes / "val" / second.name, second)
+    first.write_bytes(first.read_bytes()[:100])  # the header, then nothing
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert first.name in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["skipped_images"] == 1
+    assert json.loads((tmp_path / "b" / "final.json").read_text())["status"] == "completed"
+    doc = json.loads((data / "annotations" / "instances_train.json").read_text())
+    (data / "annotations" / "instances_train.json").write_text(json.dumps({**doc, "annotations": []}))
+    one_line_error(capsys, main([*args, "--out", str(tmp_path / "c")]), "no annotation is left to train on")
+
+
 def test_append_jsonl_on_a_full_disk(tmp_path, monkeypatch):
     import builtins
 

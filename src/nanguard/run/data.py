@@ -96,3 +96,16 @@ def training_index(cfg: Config, paths: DataPaths, write_audit, quiet: bool) -> C
 def validation_data(paths: DataPaths, category_ids: tuple[int, ...]) -> tuple[CocoIndex, dict[str, Any]]:
     document = read_coco_json(paths.val_ann)
     return build_index(document, paths.val_ann, paths.val_images, category_ids), document
+
+
+def check_validation_split(paths: DataPaths, category_ids: tuple[int, ...]) -> None:
+    """Before step 0 of a run that evaluates at its end: the validation file reads as COCO, its categories
+    fit the training split's, and every image it names is a file, so that none of this is found only
+    after the whole training. (An image that is present but cannot be decoded is left out of the
+    evaluation then, with a warning: `nanguard.run.evaluate.predict`.)"""
+    val_index, _ = validation_data(paths, category_ids)
+    missing = [record for record in val_index.records if not record.path.is_file()]
+    if missing:
+        raise UserError(f"{missing[0].path}: validation image id {missing[0].image_id} is not a file "
+                        f"({len(missing)} of {len(val_index)} are missing); check data.val_images, or set "
+                        "train.eval_at_end=false")

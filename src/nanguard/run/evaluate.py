@@ -8,7 +8,6 @@ from typing import Any
 
 from nanguard.data.coco import CocoIndex
 from nanguard.data.loader import load_image
-from nanguard.errors import UserError
 from nanguard.evaluation.coco import evaluate_boxes
 
 # An image whose short side the resize takes below this many pixels makes torchvision's interpolate
@@ -30,7 +29,7 @@ def predict(backend, index: CocoIndex, *, batch_size: int, min_size: int, max_si
             skipped: list | None = None) -> list[dict[str, Any]]:
     """COCO-format detections (bbox xywh, the dataset's category ids) for the images of `index`.
 
-    An image the model cannot take (so long and thin that the resize leaves under 2 pixels of its short
+    An image that cannot be read (a truncated file), or one the model cannot take (so long and thin that the resize leaves under 2 pixels of its short
     side, e.g. 20000x20 at max_size 128) is skipped with a warning line on stderr: it gets no detections,
     so its objects count as missed; its id is appended to `skipped`."""
     records = index.records[:max_images] if max_images else index.records
@@ -40,9 +39,13 @@ def predict(backend, index: CocoIndex, *, batch_size: int, min_size: int, max_si
         for record in records[start:start + batch_size]:
             try:
                 array = load_image(record.path)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"{record.path}: cannot read image id {record.image_id} "
-                                f"({exc.__class__.__name__}); run `nanguard audit` on the split") from None
+            except (OSError, ValueError) as exc:  # an evaluation never costs the training before it
+                print(f"nanguard: warning: {record.path}: cannot read image id {record.image_id} "
+                      f"({exc.__class__.__name__}), skipped (no detections: its objects count as missed); "
+                      "run `nanguard audit --images` on the split", file=sys.stderr)
+                if skipped is not None:
+                    skipped.append(record.image_id)
+                continue
             height, width = array.shape[:2]
             if resized_short_side(height, width, min_size, max_size) < MIN_RESIZED_SIDE:
                 print(f"nanguard: warning: {record.path}: image id {record.image_id} is {width}x{height}; "

@@ -48,7 +48,7 @@ from nanguard.guard.host import GuardHost, PlainHost, StepContext
 from nanguard.progress import TrainProgress
 from nanguard.run.backend import Backend, Collective, Injects, Replays, ranks_apart, weights_digest
 from nanguard.run.checkpoints import Checkpoints, check_world
-from nanguard.run.data import DataPaths, resolve_data, training_index, validation_data
+from nanguard.run.data import DataPaths, check_validation_split, resolve_data, training_index, validation_data
 from nanguard.run.folder import RunFolder, io_error
 from nanguard.run.ranks import Ranks
 from nanguard.run.tensorboard import NullTensorBoard, TensorBoard
@@ -139,6 +139,11 @@ class Training:
         if len(self.train_index) < cfg.train.batch_size * self.ranks.world:
             raise UserError(f"{self.paths.train_ann}: {len(self.train_index)} images cannot fill one batch of "
                             f"train.batch_size={cfg.train.batch_size} on each of {self.ranks.world} ranks")
+        if not any(len(record.boxes) for record in self.train_index.records):
+            raise UserError(f"{self.paths.train_ann}: no annotation is left to train on (of "
+                            f"{len(self.train_index)} images); a detector learns nothing from background alone")
+        if cfg.train.eval_at_end and folder.writer:  # found now, not after the whole training
+            check_validation_split(self.paths, self.train_index.category_ids)
         self.plan = FaultPlan(cfg.inject, seed=cfg.seed)
         self.plan.check(amp=cfg.train.amp)
         self.loader = Loader(self.train_index, cfg.train.batch_size, seed=cfg.seed, hflip=cfg.data.hflip,
