@@ -156,7 +156,8 @@ def test_json_output_contract(tmp_path, capsys):
 
     json.loads(raw, parse_constant=reject)
     out = json.loads(raw)
-    assert set(out) == {"file", "summary", "findings"} and out["file"] == str(path)
+    assert set(out) == {"nanguard", "file", "summary", "findings"} and out["file"] == str(path)
+    assert next(iter(out)) == "nanguard"  # first: how a later audit knows the file is its own to replace
     summary = out["summary"]
     assert {"images", "annotations", "errors", "warnings", "by_check"} <= set(summary)
     assert summary["images"] == 1 and summary["annotations"] == 2 and summary["errors"] == 3
@@ -191,6 +192,26 @@ def test_fix_writes_a_copy_that_audits_clean(tmp_path, capsys):
     assert len(clean["annotations"]) == 2
     assert audit(capsys, tmp_path / "clean.json", "--quiet")[0] == 0
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic writer left no temp file behind
+
+
+def test_outputs_never_overwrite_a_file_nanguard_did_not_write(tmp_path, capsys):
+    """--json / --fix onto the split's other annotation file, a user's own file, the audited file, or
+    each other: one line, exit 2, before the audit, every file as it was. Its own outputs are replaced."""
+    src = write_json(tmp_path / "train.json", coco([ann(1, [1, 1, 10, 10])]))
+    val = write_json(tmp_path / "val.json", coco([ann(2, [2, 2, 5, 5])]))
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": true}')
+    before = {p: p.read_bytes() for p in (src, val, mine)}
+    for flag, out, needle in (("--json", val, "nanguard did not write it"), ("--fix", mine, "nanguard did not write it"),
+                              ("--fix", src, "an input of this command"), ("--json", tmp_path, "is a folder")):
+        code, _, err = audit(capsys, src, "--quiet", flag, out)
+        assert code == 2 and err.count("\n") == 1 and needle in err, err
+    code, _, err = audit(capsys, src, "--quiet", "--json", tmp_path / "a.json", "--fix", tmp_path / "a.json")
+    assert code == 2 and "the same file" in err
+    assert {p: p.read_bytes() for p in (src, val, mine)} == before
+    for _ in range(2):  # the second run replaces what the first wrote
+        assert audit(capsys, src, "--quiet", "--json", tmp_path / "a.json", "--fix", tmp_path / "c.json")[0] == 0
+    assert audit(capsys, tmp_path / "c.json", "--quiet")[0] == 0  # the marked copy is still a COCO file
 
 
 # -- image files ---------------------------------------------------------------------------------------

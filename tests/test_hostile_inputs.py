@@ -49,6 +49,22 @@ def run_copy(trained, tmp_path) -> Path:
 # -- 1. --detections never overwrites a file nanguard did not write ------------------------------------
 
 
+def test_eval_beside_a_checkpoint_never_overwrites_a_users_eval_json(run_copy, tmp_path, capsys):
+    """A checkpoint copied into a folder of one's own: eval.json goes beside it, never over the user's
+    file of that name; the one eval wrote there, it replaces."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    checkpoint = sorted((run_copy / "checkpoints").glob("step_*.pt"))[-1]
+    shutil.copy(checkpoint, folder / checkpoint.name)
+    (folder / "eval.json").write_text('{"my": "notes"}')
+    one_line_error(capsys, main(["eval", str(folder / checkpoint.name), *EVAL]), "eval.json", "nanguard did not write it")
+    assert (folder / "eval.json").read_text() == '{"my": "notes"}'
+    (folder / "eval.json").unlink()
+    for _ in range(2):
+        assert main(["eval", str(folder / checkpoint.name), *EVAL]) == 0
+    assert json.loads((folder / "eval.json").read_text())["nanguard"] == "eval"
+
+
 def test_detections_refuses_to_overwrite_the_annotation_file(run_copy, shapes, tmp_path, capsys):
     ann = tmp_path / "val.json"
     shutil.copy(shapes / "annotations" / "instances_val.json", ann)

@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable
@@ -133,6 +134,48 @@ def read_regular(path: str | os.PathLike[str], what: str, limit: int | None = No
     if limit is not None and len(data) > limit:
         raise UserError(f"{path}: larger than {limit:,} bytes, far too large for {what}; check the path")
     return data
+
+
+# What nanguard writes outside a run folder (audit --json, audit --fix, eval.json beside a checkpoint)
+# begins with this key, so that a later command can tell its own file, which it may replace, from a
+# user's, which it never overwrites.
+OUTPUT_MARK = "nanguard"
+_MARKED = re.compile(rb'^\s*\{\s*"' + OUTPUT_MARK.encode() + rb'"\s*:')
+
+
+def check_output_path(path: str | os.PathLike[str], flag: str, inputs: tuple = ()) -> Path:
+    """`path`, when it may be written: a new file, or one nanguard wrote before (it begins with
+    {"nanguard": ...}). `UserError` for any of `inputs`, a folder, or an existing file nanguard did not
+    write: nanguard never overwrites a file it did not create."""
+    path = Path(path)
+    for source in inputs:
+        if source is not None and (path.resolve() == Path(source).resolve() or _same(path, Path(source))):
+            raise UserError(f"{flag} {path}: that is an input of this command ({source}); nanguard never "
+                            "overwrites its input, pass a new path")
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; name a new file")
+    if path.exists() or path.is_symlink():
+        if not _MARKED.match(_head(path)):
+            raise UserError(f"{flag} {path}: the file exists and nanguard did not write it; nanguard never "
+                            "overwrites a file it did not create: pick a new path or remove it")
+    return path
+
+
+def _head(path: Path) -> bytes:
+    """The first bytes of a regular file; b"" for anything else (a FIFO is never waited on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return b""
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(256) if stat.S_ISREG(os.fstat(handle.fileno()).st_mode) else b""
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -10,22 +10,13 @@ from pathlib import Path
 from nanguard.audit import audit_file
 from nanguard.audit.fix import apply_fix
 from nanguard.errors import UserError
-from nanguard.fileio import atomic_write_json
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
+from nanguard.fileio import OUTPUT_MARK, atomic_write_json, check_output_path
 
 
 def write_clean(report, out: str | os.PathLike[str]) -> Path:
     """Write the cleaned copy; never over the audited file itself."""
-    out = Path(out)
-    if _same_file(report.path, out) or report.path.resolve() == out.resolve():
-        raise UserError(f"--fix {out}: that is the audited file; nanguard never overwrites its input, pass a new path")
-    clean = apply_fix(report.document, report.plan, report.columns.boxes)
+    out = check_output_path(out, "--fix", inputs=(report.path,))
+    clean = {OUTPUT_MARK: f"audit --fix of {report.path}", **apply_fix(report.document, report.plan, report.columns.boxes)}
     try:
         return atomic_write_json(out, clean, indent=None)
     except ValueError as err:  # allow_nan=False met a NaN the checks do not cover (e.g. in a segmentation)
@@ -38,10 +29,13 @@ def write_clean(report, out: str | os.PathLike[str]) -> Path:
 def run(args: argparse.Namespace) -> int:
     if args.no_decode and not args.images:
         raise UserError("--no-decode only applies with --images DIR; add --images or drop --no-decode")
-    # Checked before the (possibly long) audit, so a wrong path fails at once.
+    # Checked before the (possibly long) audit, so a wrong path fails at once: never the audited file,
+    # never the other output, never a file nanguard did not write (the split's other annotation file).
+    if args.fix and args.json_out and Path(args.fix).resolve() == Path(args.json_out).resolve():
+        raise UserError(f"--json {args.json_out} and --fix {args.fix}: the same file; give each its own path")
     for flag, out in (("--fix", args.fix), ("--json", args.json_out)):
-        if out and (_same_file(Path(args.ann), Path(out)) or Path(args.ann).resolve() == Path(out).resolve()):
-            raise UserError(f"{flag} {out}: that is the audited file; nanguard never overwrites its input, pass a new path")
+        if out:
+            check_output_path(out, flag, inputs=(args.ann,))
     report = audit_file(
         args.ann,
         images_dir=args.images,

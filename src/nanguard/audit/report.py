@@ -17,9 +17,9 @@ import numpy as np
 
 from nanguard.audit.checks import CHECKS, ERROR, EXTREME_ASPECT_RATIO, WARNING, Geometry
 from nanguard.audit.fix import KEPT, FixPlan
-from nanguard.fileio import json_safe
 from nanguard.audit.images import ImageFacts
 from nanguard.audit.load import Columns
+from nanguard.fileio import OUTPUT_MARK, json_safe
 
 # What --fix does, per check, for the table (each finding's own `fix` says what happened to it).
 FIX_SUMMARY = {
@@ -311,6 +311,7 @@ class AuditReport:
     def to_json(self) -> dict[str, Any]:
         """The --json document; strict JSON (no NaN), ids as written."""
         return {
+            OUTPUT_MARK: "audit",
             "file": str(self.path),
             "summary": self.summary,
             "findings": [asdict(finding) for finding in self.findings],

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from nanguard.errors import UserError
-from nanguard.fileio import atomic_write_json, dumps, json_safe
+from nanguard.fileio import OUTPUT_MARK, atomic_write_json, check_output_path, dumps, json_safe
 
 # data.* keys with no meaning for eval, and why.
 _TRAINING_ONLY = {
@@ -158,6 +158,9 @@ def run(args) -> int:
     # the checkpoint holds the weights: the file the run started from is neither needed nor read again
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=None))
     val_ann, val_images = validation_paths(run_cfg, list(args.overrides), args.quiet)
+    in_run = (out_dir / "config.yaml").is_file() and (out_dir / "checkpoints").is_dir()  # its eval.json is ours
+    if not in_run:  # beside a checkpoint somewhere: never over a user's own eval.json (or the ground truth)
+        check_output_path(out_dir / "eval.json", "eval (it writes eval.json beside the checkpoint):", inputs=(val_ann, args.detections))
     category_ids = tuple(int(c) for c in state["category_ids"])
     backend.setup(cfg, len(category_ids), train=False)
     backend.restore(state["backend"])
@@ -177,7 +180,7 @@ def run(args) -> int:
     if args.detections:
         atomic_write_json(args.detections, detections, indent=None)
     try:
-        atomic_write_json(out_dir / "eval.json", json_safe(metrics))
+        atomic_write_json(out_dir / "eval.json", {OUTPUT_MARK: "eval", **json_safe(metrics)})
     except UserError as err:
         raise UserError(f"eval.json not written, the metrics are above only: {err}") from None
     if not args.json and not args.quiet:
