@@ -39,7 +39,7 @@ def run(args) -> int:
         try:
             saved = config_from_dict(folder.read_config(), str(folder.path / "config.yaml"))
             cfg = _with_injections(_resume_overrides(saved, args.overrides), args.inject)
-            _check_reachable(cfg, args.steps, ranks.world)
+            _check_reachable(cfg, args.steps, ranks.world, args.inject)
             require_tensorboard(cfg.train.tensorboard)
             if cfg != saved and folder.writer:  # validated above: the overrides become part of the record
                 folder.write_config(dump_yaml(cfg))
@@ -48,7 +48,7 @@ def run(args) -> int:
             raise
     else:
         cfg = _with_injections(load_config(args.config, args.overrides), args.inject)
-        _check_reachable(cfg, args.steps, ranks.world)
+        _check_reachable(cfg, args.steps, ranks.world, cfg.inject)
         require_tensorboard(cfg.train.tensorboard)
     backend = create_backend(cfg.backend, args.device)  # a bad --device or weights file: refused before
     backend.check_config(cfg)  # anything is written
@@ -159,7 +159,7 @@ def _check_before_launch(args) -> None:
     else:
         cfg = _with_injections(load_config(args.config, args.overrides), args.inject)
         RunFolder.check_new(Path(args.out))
-    _check_reachable(cfg, args.steps, args.nproc)
+    _check_reachable(cfg, args.steps, args.nproc, args.inject if args.resume is not None else cfg.inject)
     require_tensorboard(cfg.train.tensorboard)
     # what rank 0 will see (torchrun's address: any, nothing connects here)
     world = {"WORLD_SIZE": str(args.nproc), "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -181,16 +181,18 @@ def _check_before_launch(args) -> None:
                 os.environ[name] = value
 
 
-def _check_reachable(cfg: Config, stop_at: int | None, world: int) -> None:
+def _check_reachable(cfg: Config, stop_at: int | None, world: int, injections: list[str]) -> None:
     """What the command asks for that the run would never reach, refused before anything is written:
     `--steps` past train.steps (the run ends at train.steps), and a fault injected at a step the run
-    never takes or on a rank it does not have (it would never fire, and the run would look clean)."""
+    never takes or on a rank it does not have (it would never fire, and the run would look clean).
+    `injections`: the new ones (a resumed run's own were checked when it started, on its ranks; a resume
+    on another number of processes is refused by its checkpoint's record, with that reason)."""
     from nanguard.guard import parse_fault
 
     if stop_at is not None and stop_at > cfg.train.steps:
         raise UserError(f"--steps {stop_at} is past train.steps={cfg.train.steps}, where the run ends; raise "
                         f"train.steps (the LR schedule spans it), or drop --steps")
-    for text in cfg.inject:
+    for text in injections:
         spec = parse_fault(text)
         if spec.step >= cfg.train.steps:
             raise UserError(f"fault spec '{spec.text or text}': step {spec.step} is never taken (the run's steps are "
