@@ -108,6 +108,41 @@ def test_diagnose_refuses_a_missing_incident_and_a_damaged_replay(faults_run, tm
     assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
 
 
+def test_diagnose_names_each_damaged_record_and_replay_and_diagnoses_the_rest(faults_run, tmp_path, capsys):
+    """A replay.pt without its model, one of another class count, incident lines without a step: one
+    line each on stderr, exit 2, and every other incident still diagnosed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(faults_run, copy)
+    replays = sorted(int(p.parent.name) for p in (copy / "incidents").glob("*/replay.pt"))
+    assert len(replays) >= 3, replays
+    first, second = (copy / "incidents" / str(step) / "replay.pt" for step in replays[:2])
+    bundle = torch.load(first, weights_only=True)
+    torch.save({k: v for k, v in bundle.items() if k != "model"}, first)
+    torch.save({**torch.load(second, weights_only=True), "num_classes": 7}, second)
+    with open(copy / "incidents.jsonl", "a") as handle:
+        handle.write('{"kind": "nonfinite_loss"}\n{"step": "seven"}\n[1, 2]\n')
+    capsys.readouterr()
+    assert main(["diagnose", str(copy)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert sum("has no step" in line for line in err) == 3, err
+    assert any(f"step {replays[0]}: not diagnosed" in line and "without a usable model" in line for line in err), err
+    assert any(f"step {replays[1]}: not diagnosed" in line and "do not fit this run's model" in line for line in err), err
+    assert "Traceback" not in captured.err and len(err) == 5, err
+    assert f"step {replays[2]} diagnosed:" in captured.out  # the rest still diagnosed
+
+
+def test_the_advice_for_an_incident_without_replay_data_says_what_stood_in_the_way():
+    from nanguard.config import load_config
+    from nanguard.explain.diagnose import _why_unkept
+
+    record = {"step": 5, "kind": "nonfinite_loss", "kinds": ["nonfinite_loss"], "bad_ranks": []}
+    assert "raise explain.keep" in _why_unkept(record, load_config("demo"), True)[1]
+    assert "raise explain.keep" not in _why_unkept(record, load_config("demo", ["explain.keep=0"]), True)[1]
+    assert "backend=torch" in _why_unkept(record, load_config("demo", ["backend=mindspore"]), False)[1]
+    assert "one process" in _why_unkept({**record, "bad_ranks": [1]}, load_config("demo"), True)[1]
+
+
 def test_an_lr_blow_up_is_lr_divergence(shapes, tmp_path):
     run = tmp_path / "lr"
     assert train(run, shapes, "train.steps=10", "--inject", "lr_spike@6:factor=1000") == 0

@@ -12,12 +12,14 @@ incidents `explain.auto` asks for. `nanguard diagnose RUN_DIR` runs the same dia
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from nanguard.config import Config
 from nanguard.data.loader import Batch
+from nanguard.errors import UserError
 from nanguard.explain.verdict import Diagnosis, judge
 from nanguard.fileio import atomic_write_json, json_safe
 from nanguard.guard import Observation, is_bad, read_incidents
@@ -33,14 +35,36 @@ def diagnose(record: dict[str, Any], folder: Path, backend, cfg: Config, *, writ
     """Replay (when the folder holds the backend's replay file) and judge one incident; writes
     diagnosis.json into `folder` (unless `write` is false)."""
     replay_file = folder / f"replay{backend.checkpoint_suffix}"
-    facts = backend.replay(replay_file, cfg) if replay_file.is_file() and hasattr(backend, "replay") else None
-    diagnosis = judge(record, facts, lr=cfg.train.lr, param_abs_max=cfg.guard.param_abs_max)
+    can_replay = hasattr(backend, "replay")
+    facts = backend.replay(replay_file, cfg) if can_replay and replay_file.is_file() else None
+    diagnosis = judge(record, facts, lr=cfg.train.lr, param_abs_max=cfg.guard.param_abs_max,
+                      unkept=None if facts else _why_unkept(record, cfg, can_replay))
     if not write:
         return diagnosis
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "diagnosis.json", json_safe({"step": record["step"], **diagnosis.to_dict(),
-                                                            "facts": facts.to_dict() if facts else None}))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "diagnosis.json", json_safe({"step": record["step"], **diagnosis.to_dict(),
+                                                                "facts": facts.to_dict() if facts else None}))
+    except (OSError, UserError) as err:  # the verdict stands; only its copy in the folder is missing
+        print(f"nanguard: warning: {folder / 'diagnosis.json'} not written ({err})", file=sys.stderr)
     return diagnosis
+
+
+def _why_unkept(record: dict[str, Any], cfg: Config, can_replay: bool) -> tuple[str, str]:
+    """(why no replay data exists for this incident, what would give it some): raising explain.keep is
+    advice only where it is what stood in the way."""
+    if not can_replay:
+        return (f"backend={cfg.backend} keeps no replay data yet",
+                "train the same data with backend=torch to diagnose it (the same config and seed)")
+    if record.get("bad_ranks"):  # named ranks: a run of several processes
+        return ("a run of several processes keeps no replay data",
+                "resume from the checkpoint before this step on one process with explain.auto=all")
+    if not cfg.guard.enabled:
+        return ("guard.enabled=false keeps nothing", "train with the guard on")
+    if cfg.explain.keep == 0:
+        return ("explain.keep=0 keeps nothing", "set explain.keep >= 1")
+    return (f"the first explain.keep={cfg.explain.keep} incidents kept theirs",
+            "raise explain.keep, or resume from the checkpoint before this step with explain.auto=all")
 
 
 class Explainer:

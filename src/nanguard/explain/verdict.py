@@ -123,19 +123,20 @@ class Diagnosis:
 
 
 def judge(record: dict[str, Any], facts: ReplayFacts | None, *, lr: float | None = None,
-          param_abs_max: float = 1.0e4) -> Diagnosis:
+          param_abs_max: float = 1.0e4, unkept: tuple[str, str] | None = None) -> Diagnosis:
     """The verdict on one incident (`record`: its incidents.jsonl line) from the replay's `facts`
-    (None: nothing was kept to replay). `lr`: the configured train.lr, for the advice."""
+    (None: nothing was kept to replay; `unkept` then says why and what would keep it). `lr`: the
+    configured train.lr, for the advice."""
     kinds = list(record.get("kinds") or [])
     if kinds and not is_bad(kinds):
         return _invalid_targets(record)
     if "model_error" in kinds and facts is None:
         return _model_error(record)
     if facts is None:
-        return Diagnosis("unknown", evidence=["nothing was kept to replay this step (explain.keep, or an "
-                                              "incident the trainer did not see)"],
-                         advice="raise explain.keep, or resume from the checkpoint before this step with "
-                                "explain.auto=all to diagnose it")
+        why, advice = unkept or ("explain.keep, or an incident the trainer did not see",
+                                 "raise explain.keep, or resume from the checkpoint before this step with "
+                                 "explain.auto=all to diagnose it")
+        return Diagnosis("unknown", evidence=[f"nothing was kept to replay this step ({why})"], advice=advice)
     diagnosis = _judge_replay(record, facts, lr, param_abs_max)
     diagnosis.reproduced = facts.reproduced
     diagnosis.seconds = round(facts.seconds, 3)

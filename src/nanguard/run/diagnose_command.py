@@ -25,42 +25,59 @@ def run(args) -> int:
         raise UserError(f"{run_dir}: not a nanguard run folder (no config.yaml); pass the --out folder of "
                         "`nanguard train`")
     cfg = load_config(str(run_dir / "config.yaml"), [])
-    records = read_incidents(run_dir)
+    records, unusable = [], 0
+    for number, record in enumerate(read_incidents(run_dir), 1):
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+            records.append(record)
+        else:  # one line each; the others are still diagnosed
+            unusable += 1
+            print(f"{run_dir / 'incidents.jsonl'}: record {number} has no step (a number >= 0); left out",
+                  file=sys.stderr)
     if args.incident is not None:
         records = [r for r in records if r.get("step") == args.incident]
         if not records:
-            steps = ", ".join(str(r.get("step")) for r in read_incidents(run_dir)[:10]) or "none"
+            steps = ", ".join(str(r["step"]) for r in records[:10]) or "none"
             raise UserError(f"{run_dir}: no incident at step {args.incident} (incidents at: {steps})")
     if not records:
         print(f"{run_dir}: no incidents to diagnose", file=sys.stderr)
         if args.json:
             print("[]")
-        return 0
+        return 2 if unusable else 0
     from nanguard.run.backend import create_backend
 
     backend = create_backend(cfg.backend, args.device)
     # diagnosis.json goes into the run only when no other process holds it (a run folder has one writer)
-    folder = RunFolder.open_if_free(run_dir)
-    if folder is None:
-        print(f"{run_dir}: in use by another process (still training?): diagnosing without writing "
-              "diagnosis.json", file=sys.stderr)
+    # and the folder can be written; the verdicts are printed either way
     try:
-        results = _diagnose_all(records, run_dir, backend, cfg, args, write=folder is not None)
+        folder = RunFolder.open(run_dir)
+    except UserError as err:
+        folder = None
+        print(f"nanguard diagnose: diagnosing without writing diagnosis.json: {err}", file=sys.stderr)
+    try:
+        results, failed = _diagnose_all(records, run_dir, backend, cfg, args, write=folder is not None)
     finally:
         if folder is not None:
             folder.close()
     if args.json:
         print(json.dumps(json_safe(results), indent=2))
-    return 0
+    return 2 if failed or unusable else 0
 
 
-def _diagnose_all(records, run_dir: Path, backend, cfg, args, *, write: bool) -> list[dict]:
-    results = []
+def _diagnose_all(records, run_dir: Path, backend, cfg, args, *, write: bool) -> tuple[list[dict], int]:
+    """The diagnoses, and how many incidents could not be diagnosed (a damaged replay file: one line
+    each, the others still diagnosed)."""
+    results, failed = [], 0
     for record in records:
-        diagnosis = diagnose(record, incident_dir(run_dir, record["step"]), backend, cfg, write=write)
+        try:
+            diagnosis = diagnose(record, incident_dir(run_dir, record["step"]), backend, cfg, write=write)
+        except UserError as err:
+            failed += 1
+            print(f"nanguard diagnose: step {record['step']}: not diagnosed: {err}", file=sys.stderr)
+            continue
         results.append({"step": record["step"], "kind": record.get("kind"), **diagnosis.to_dict()})
         if not args.json:
             print(diagnosis.line(record["step"]))
             for fact in diagnosis.evidence:
                 print(f"    - {fact}")
-    return results
+    return results, failed

@@ -84,7 +84,15 @@ def load_replay(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read it ({tensor_file_problem(exc)}); it is damaged") from None
     if not isinstance(bundle, dict) or bundle.get("format") != REPLAY_FORMAT:
         raise UserError(f"{path}: not a nanguard replay file ({REPLAY_FORMAT})")
+    wrong = [key for key, kind in _BUNDLE_PARTS.items() if not isinstance(bundle.get(key), kind)]
+    if wrong or isinstance(bundle["num_classes"], bool) or bundle["num_classes"] < 1:
+        raise UserError(f"{path}: a replay file without a usable {', '.join(wrong) or 'num_classes'}; it is damaged")
     return bundle
+
+
+# what a replay needs from the bundle, and of what type
+_BUNDLE_PARTS = {"model": dict, "num_classes": int, "images": list, "targets": list, "rng": dict,
+                 "image_ids": list, "annotation_ids": list, "code_faults": list}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -263,7 +271,14 @@ def replay(path: Path, cfg: Config, device: torch.device) -> ReplayFacts:
     started = time.perf_counter()
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        facts = _replay(bundle, cfg, device)
+        try:
+            facts = _replay(bundle, cfg, device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            # parts that do not fit the run's model (another class count, another architecture) or each
+            # other; a non-finite value met in the replayed step is a fact, caught inside the replay
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"{path}: its contents do not fit this run's model ({reason}); it is damaged or "
+                            "from another run") from None
     facts.seconds = time.perf_counter() - started
     return facts
 
