@@ -190,10 +190,11 @@ def test_eval_picks_the_backend_from_the_checkpoint_files(tmp_path):
     assert _backend_of(kept_aside) == "mindspore" and _backend_of(tmp_path / "empty") == "torch"
 
 
-def test_sigkill_mid_step_and_mid_checkpoint_then_resume_is_bit_identical(straight, shapes, tmp_path):
-    """Killed at a random moment once a checkpoint is on disk, then again halfway through writing the
-    next one: the last resume ends bit-identical to the run never killed (`straight`, the same config).
-    Its processes load the train step from the compile cache the first one filled."""
+def test_ctrl_c_mid_step_and_sigkill_mid_checkpoint_then_resume_is_bit_identical(straight, shapes, tmp_path):
+    """Ctrl-C at a random moment once a checkpoint is on disk (exit 130 and one line, as a torch run:
+    not MindSpore's own SIGINT handler, which ends the process with SIGTERM), then SIGKILL halfway through
+    writing the next checkpoint: the last resume ends bit-identical to the run never stopped (`straight`,
+    the same config). Its processes load the train step from the compile cache the first one filled."""
     import random
     import signal
     import time
@@ -207,8 +208,10 @@ def test_sigkill_mid_step_and_mid_checkpoint_then_resume_is_bit_identical(straig
         time.sleep(0.01)
     time.sleep(random.Random(7).uniform(0.0, 0.3))
     assert child.poll() is None, child.stderr.read().decode()[-2000:]
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    child.send_signal(signal.SIGINT)
+    assert child.wait(timeout=120) == 130
+    err = child.stderr.read().decode()
+    assert err.strip().splitlines() == ["nanguard train: interrupted"], err[-2000:]
     kept = sorted(p.name for p in (run / "checkpoints").glob("step_*.ckpt"))
     assert kept and "step_00000014.ckpt" not in kept
 

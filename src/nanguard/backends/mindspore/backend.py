@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ def _ms():
     return mindspore
 
 
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 class MindSporeBackend:
     """`nanguard.run.backend.Backend` and `Injects`."""
 
@@ -60,6 +65,7 @@ class MindSporeBackend:
         if device == "cuda":
             raise UserError("--device cuda: the MindSpore backend runs on the CPU here (its GPU plugin needs "
                             "CUDA 11); use --device cpu or backend=torch")
+        handler = signal.getsignal(signal.SIGINT)
         self.ms = _ms()
         mode = os.environ.get("NANGUARD_MINDSPORE_MODE", "graph")
         if mode not in ("graph", "pynative"):
@@ -72,6 +78,7 @@ class MindSporeBackend:
                 raise UserError(f"MindSpore already runs on {self.ms.get_context('device_target')} in this "
                                 "process; the MindSpore backend runs on the CPU: start a new process") from None
         self.ms.set_context(mode=self.ms.GRAPH_MODE if mode == "graph" else self.ms.PYNATIVE_MODE)
+        self._sigint = handler
 
     def check_config(self, cfg: Config) -> None:
         refused = []
@@ -153,11 +160,12 @@ class MindSporeBackend:
             self._lr_factor = lr_factor
         noise = self.rng.random((len(batch.images), self.model.noise_size()), dtype=np.float32)
         between()  # one compiled cell: the previous step is read before it, when nothing of it has run
-        with self._compile_cache():
+        with self._compile_cache(), self._graph_run():
             components, vector = self.step_cell(Tensor(static.images), Tensor(static.boxes), Tensor(static.labels),
                                                 Tensor(static.valid), Tensor(noise))
         if check_weights and self.cfg.guard.enabled and self.cfg.guard.param_check_every > 1:
-            vector = self.step_cell.check_weights(vector)  # on the grid, and the state a snapshot keeps
+            with self._graph_run():
+                vector = self.step_cell.check_weights(vector)  # on the grid, and the state a snapshot keeps
         if armed is not None:
             armed.after()  # after the weight check: a bit flip lands after the update, as on torch
         return StepNumbers(LOSS_NAMES, send(components, vector), dropped)
@@ -246,6 +254,21 @@ class MindSporeBackend:
     # ---------------------------------------------------------------------------------------------
     # Evaluation and the end of a run
 
+    @contextlib.contextmanager
+    def _graph_run(self):
+        """Around a compiled cell's run. For a graph run MindSpore installs its own C++ SIGINT handler,
+        which ends the process by sending it SIGTERM (exit 143, no word). During the run that SIGTERM is
+        a Ctrl-C (KeyboardInterrupt), and Python's SIGINT handler is put back after it: a MindSpore run
+        stops as a torch run does (exit 130, "interrupted"; the folder keeps its checkpoints). Four
+        syscalls, no device sync."""
+        term = signal.signal(signal.SIGTERM, _interrupted)
+        try:
+            yield
+        finally:
+            if self._sigint is not None:
+                signal.signal(signal.SIGINT, self._sigint)
+            signal.signal(signal.SIGTERM, term)
+
     def predict(self, images: list[np.ndarray]) -> list[tuple]:
         from mindspore import Tensor
 
@@ -256,7 +279,8 @@ class MindSporeBackend:
         static = to_static(images, empty, [np.zeros(0, np.int64)] * len(images), m.min_size, m.max_size, 1)
         self.model.set_train(False)
         try:
-            boxes, scores, labels, valid = (t.asnumpy() for t in self.model.detect(Tensor(static.images)))
+            with self._graph_run():
+                boxes, scores, labels, valid = (t.asnumpy() for t in self.model.detect(Tensor(static.images)))
         finally:
             self.model.set_train(True)
         return [(boxes[i][valid[i]] / np.float32(static.scales[i]), scores[i][valid[i]], labels[i][valid[i]])
