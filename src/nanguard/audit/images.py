@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +99,8 @@ def inspect(
 
     workers = min(jobs or _usable_cores(), max(len(tasks), 1))
     if workers > 1 and len(tasks) >= _POOL_MIN_FILES:
+        from concurrent.futures import ProcessPoolExecutor  # only --images with --jobs > 1: not every audit's start
+
         pool = ProcessPoolExecutor(max_workers=workers)
         results = pool.map(_inspect_star, tasks, chunksize=max(1, min(32, len(tasks) // (workers * 8))))
     else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -156,16 +157,34 @@ def _len_or_minus_one(value: Any) -> int:
     return len(value) if type(value) in (tuple, list) else -1
 
 
+def _int_column(records: list, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The int field `name` of every struct, straight into an array; the list path only when a value
+    is missing (None) or beyond int64."""
+    get = attrgetter(name)
+    try:
+        return np.fromiter(map(get, records), dtype=np.int64, count=len(records)), np.ones(len(records), dtype=bool)
+    except (TypeError, OverflowError):
+        return _int_array(list(map(get, records)))
+
+
+def _float_column(records: list, name: str) -> np.ndarray:
+    get = attrgetter(name)
+    try:
+        return np.fromiter(map(get, records), dtype=np.float64, count=len(records))
+    except TypeError:  # a None: NaN
+        return _float_array(list(map(get, records)))
+
+
 def _columns_from_typed(doc: _Document, literal_count: int) -> Columns:
     images, anns, cats = doc.images, doc.annotations, doc.categories
-    image_ids, image_id_ok = _int_array([im.id for im in images])
-    widths = _float_array([im.width for im in images])
-    heights = _float_array([im.height for im in images])
-    ann_ids, ann_id_ok = _int_array([a.id for a in anns])
-    ann_image_ids, ann_image_id_ok = _int_array([a.image_id for a in anns])
-    ann_category_ids, ann_category_ok = _int_array([a.category_id for a in anns])
-    boxes, box_ok = _boxes_from_lists([a.bbox for a in anns], len(anns))
-    areas = _float_array([a.area for a in anns])
+    image_ids, image_id_ok = _int_column(images, "id")
+    widths = _float_column(images, "width")
+    heights = _float_column(images, "height")
+    ann_ids, ann_id_ok = _int_column(anns, "id")
+    ann_image_ids, ann_image_id_ok = _int_column(anns, "image_id")
+    ann_category_ids, ann_category_ok = _int_column(anns, "category_id")
+    boxes, box_ok = _boxes_from_lists(list(map(attrgetter("bbox"), anns)), len(anns))
+    areas = _float_column(anns, "area")
     image_rows = annotation_rows = None
     in_columns = 0
     if literal_count:
@@ -180,7 +199,7 @@ def _columns_from_typed(doc: _Document, literal_count: int) -> Columns:
     area_bad[nan_rows] = np.array([anns[i].area is not None for i in nan_rows.tolist()], dtype=bool)
     category_ids = np.array([c.id for c in cats if c.id is not None], dtype=np.int64)
     category_record_ok = np.array([c.id is not None for c in cats], dtype=bool)
-    ann_crowd = np.array([bool(a.iscrowd) for a in anns], dtype=bool)
+    ann_crowd = np.fromiter(map(bool, map(attrgetter("iscrowd"), anns)), dtype=bool, count=len(anns))
     return Columns(
         image_ids=image_ids, image_id_ok=image_id_ok, widths=widths, heights=heights,
         file_names=[im.file_name for im in images], image_is_object=np.ones(len(images), dtype=bool),
