@@ -132,3 +132,21 @@ def test_diagnosis_accuracy_smoke(tmp_path):
     assert [(s["kind"], s["verdict"], s["right"]) for s in result["scenarios"]] == [("grad_nan", "transient", True)]
     assert result["overall_accuracy"] == 1.0 and result["clean_run"]["ratio_first_over_off"] > 0
     assert "diagnosis accuracy" in stdout
+
+
+def test_demo_quality_smoke(tmp_path):
+    from nanguard.data.synth import generate
+
+    data = tmp_path / "data"
+    generate(data, images=4, val_images=2, size=64, classes=3, seed=0, progress=False)
+    out = tmp_path / "demo_quality.json"
+    stdout = run_benchmark("demo_quality", "--seeds", "0", "1", "--threads", "1", "--steps", "1", "--plain-steps", "1",
+                           "--data", str(data), "--plain-table", "--json-out", str(out), "train.batch_size=2",
+                           "model.min_size=64", "model.max_size=64")
+    result = read(out)
+    assert result["benchmark"] == "demo_quality" and result["goal_met"] is False  # one step learns nothing
+    assert [(r["seed"], r["threads"]) for r in result["runs"]] == [(0, 1), (1, 1)]
+    for run in result["runs"]:
+        assert run["status"] == "completed" and 0 <= run["mAP50"] <= 1 and run["plain_step_seconds"] > 0
+        assert run["time_vs_budget"] > 0
+    assert "goal (each >= 0.95 / 0.7" in stdout and "not met" in stdout
