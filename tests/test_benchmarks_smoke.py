@@ -134,6 +134,18 @@ def test_diagnosis_accuracy_smoke(tmp_path):
     assert "diagnosis accuracy" in stdout
 
 
+def test_own_loop_explain_smoke(tmp_path):
+    out = tmp_path / "own_loop_explain.json"
+    stdout = run_benchmark("own_loop_explain", "--kinds", "weight_bitflip,nan_pixels", "--steps-at", "3", "--seeds", "0",
+                           "--rounds", "1", "--block", "2", "--plain-table", "--json-out", str(out))
+    result = read(out)
+    assert [(s["kind"], s["verdict"], s["right"]) for s in result["scenarios"]] == [
+        ("weight_bitflip", "corrupted_weights", True), ("nan_pixels", "bad_image", True)]
+    assert result["scenarios"][1]["image_ids"] == result["scenarios"][1]["expected_ids"] == ["3/3"]
+    assert result["accuracy"] == 1.0 and result["clean_ratio"] > 0
+    assert "own-loop diagnosis" in stdout
+
+
 def test_demo_quality_smoke(tmp_path):
     from nanguard.data.synth import generate
 

@@ -76,7 +76,7 @@ def plain_step(model, optimizer, *, config, schedule, scaler):
 
 
 def count_syncs(step_class, optimizer_name: str, *, bad_at: int | None = None, with_schedule: bool,
-                extra=None, steps: int = STEPS, scaler: bool = False) -> Counter[str]:
+                extra=None, steps: int = STEPS, scaler: bool = False, replay: bool = False) -> Counter[str]:
     """Sync ops seen over `steps` steps (every step but the first reads the previous observation),
     then a flush."""
     torch.manual_seed(0)
@@ -90,7 +90,9 @@ def count_syncs(step_class, optimizer_name: str, *, bad_at: int | None = None, w
     with CountSyncs() as mode:
         for i, (images, labels) in enumerate(data):
             losses = two_losses(model, images, labels)
-            outcomes += guard.step(nan_losses(losses) if i == bad_at else losses)
+            explain = dict(replay=lambda index, x=images, y=labels: two_losses(model, x[index], y[index]),
+                           ids=[f"{i}/{j}" for j in range(len(images))]) if replay else {}
+            outcomes += guard.step(nan_losses(losses) if i == bad_at else losses, **explain)
             if extra is not None:
                 extra(losses)
         outcomes += guard.flush()
@@ -115,6 +117,11 @@ def test_fused_sgd_guarded_steps_make_no_sync_at_all():
     """With a fused optimizer nothing in the step needs the host: zero, not merely "no more"."""
     assert count_syncs(Guard, "sgd_fused", with_schedule=True) == Counter()
     assert count_syncs(Guard, "sgd_fused", with_schedule=False, bad_at=2) == Counter()
+
+
+def test_passing_replay_to_explain_costs_no_sync_on_healthy_steps():
+    """guard.step(losses, replay=fn, ids=ids) only keeps references: no sync, no copy of the batch."""
+    assert count_syncs(Guard, "sgd_fused", with_schedule=True, replay=True) == Counter()
 
 
 def test_the_sync_counter_sees_a_syncing_loop():

@@ -56,6 +56,7 @@ class ImageFacts:
     nonfinite_pixels: int = 0
     pixel_std: float = 1.0
     bad_boxes: list[tuple[Any, str]] = field(default_factory=list)  # (annotation id, why)
+    nonfinite_targets: int = 0  # non-finite values in what the model received beside its input (own loop)
 
 
 @dataclass
@@ -248,6 +249,14 @@ def _bad_data(facts: ReplayFacts, evidence: list[str], located: dict[str, Any]) 
             f"drop or re-export image {ids[0]}" + (f" (and {len(ids) - 1} more)" if len(ids) > 1 else "")
             + "; its input is non-finite or constant before the first layer (check the decoder and any "
             "per-image normalisation)"))
+    targets = [image for image in culprits if image.nonfinite_targets and not image.bad_boxes]
+    if targets:
+        ids = [image.image_id for image in targets]
+        evidence += [f"sample {image.image_id}: {image.nonfinite_targets} non-finite target values"
+                     for image in targets[:5]]
+        return Diagnosis("bad_annotation", phase="data", image_ids=ids, evidence=evidence, **located, advice=(
+            f"fix or drop the targets of sample {ids[0]}" + (f" (and {len(ids) - 1} more)" if len(ids) > 1 else "")
+            + ": they hold non-finite values before the first layer"))
     boxes = [image for image in culprits if image.bad_boxes]
     if not boxes:
         return None

@@ -184,10 +184,12 @@ class Decision:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One step's observation and the policy's decision about it (what a backend's step returns)."""
+    """One step's observation and the policy's decision about it (what a backend's step returns), and
+    the own-loop guard's `nanguard.explain.verdict.Diagnosis` of a bad step it could replay (else None)."""
 
     observation: Observation
     decision: Decision
+    diagnosis: Any = None
 
 
 def decide(state: PolicyState, obs: Observation,

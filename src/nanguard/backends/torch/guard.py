@@ -26,11 +26,14 @@ hooks) calls them itself. `update` reads as four parts, none of which makes the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 
+from nanguard.backends.torch.checkpoint import rng_state
 from nanguard.backends.torch.distributed import RankAgreement
 from nanguard.backends.torch.devicestate import (
     DeviceSpikeDetector,
@@ -51,8 +54,13 @@ from nanguard.guard import (
     PolicyConfig,
     PolicyState,
 )
+from nanguard.config import ExplainConfig
+from nanguard.fileio import json_safe
 from nanguard.guard.driver import PolicyDriver
 from nanguard.guard.host import GuardHost, StepContext
+from nanguard.guard.incidents import incident_record
+from nanguard.guard.observation import Observation
+from nanguard.guard.policy import Decision
 
 
 @dataclass
@@ -307,22 +315,34 @@ class Guard:
     """Guards any PyTorch training loop (see the module docstring): the device half (`GuardedStep`)
     and the framework-free host half (`GuardHost`). `scaler`: a `torch.amp.GradScaler` for fp16;
     `schedule`: nanguard's device-side `LRSchedule` (without one, the optimizer's own lr is used, times
-    the policy's LR factor)."""
+    the policy's LR factor). `explain`: when bad steps passed with `replay=` are diagnosed
+    (`explain.auto`, `explain.ring`, `explain.replays`, `explain.keep`: the most states kept for a
+    replay); see `step`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scaler=None,
                  config: GuardConfig | None = None, policy: PolicyConfig | None = None,
                  schedule: LRSchedule | None = None, incident_log: IncidentLog | NullIncidentLog | None = None,
-                 rank: int = 0, ranks: RankAgreement | None = None) -> None:
+                 rank: int = 0, ranks: RankAgreement | None = None, explain: ExplainConfig | None = None) -> None:
         self.device_step = GuardedStep(model, optimizer, scaler=scaler, config=config, schedule=schedule, ranks=ranks)
         self.config = self.device_step.config
+        self.explain = explain or ExplainConfig()
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.params = self.device_step.params
         self.incidents = incident_log or NullIncidentLog()
         # the policy's decisions carried out: LR factor, snapshots staged and confirmed, rollback, stop
-        self.driver = PolicyDriver(policy or PolicyConfig(), self.incidents,
+        self.driver = PolicyDriver(policy or PolicyConfig(), _Diagnosing(self),
                                    capture=self.device_step.capture, restore=self.device_step.restore)
         self.host = GuardHost(self.driver, self.config, rank=ranks.rank if ranks is not None else rank)
+        self.host.keep = self._keep_replay
         self.steps_run = 0  # data positions consumed by this guard (the observation's `step`)
+        # replay=: (step, fn, ids, torch's RNG before its forward) of the last explain.ring steps
+        self._ring: deque[tuple[int, Callable, tuple, dict | None]] = deque(maxlen=max(2, self.explain.ring))
+        self._rng: dict[str, Any] | None = None  # torch's RNG as the last step left it (replay= only)
+        self._kept: dict[int, dict[str, Any]] = {}  # bad steps' states, until diagnosed
+        self._states_kept = 0
+        self._diagnosed_kinds: set[str] = set()
+        self._diagnoses: dict[int, Any] = {}
+        self._distributed = ranks is not None
 
     @property
     def policy_state(self) -> PolicyState:
@@ -333,10 +353,26 @@ class Guard:
         return self.host.stopped
 
     def step(self, losses: dict[str, torch.Tensor], *, image_ids: tuple = (), annotation_ids: tuple = (),
-             batch: tuple[int, int] | None = None, invalid_targets: tuple = ()) -> list[Outcome]:
-        """Backward, check, agree, apply, send; returns the outcome of the previous step."""
+             batch: tuple[int, int] | None = None, invalid_targets: tuple = (),
+             replay: Callable[[list[int]], dict[str, torch.Tensor]] | None = None, ids=None) -> list[Outcome]:
+        """Backward, check, agree, apply, send; returns the outcome of the previous step.
+
+        `replay=fn, ids=ids` make a bad step explainable: `ids` are the batch's sample ids (any hashable
+        per sample; they also name the step's images when `image_ids` is not given) and `fn(index)`
+        recomputes the loss dict for the samples at positions `index` (a list of ints) of this batch.
+        The guard only holds references to them (`explain.ring` steps); on a bad step it replays from
+        the state the step ran with and sets `outcome.diagnosis` (also in the incident line)."""
+        if replay is not None:
+            if ids is None or isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__") or len(ids) == 0:
+                raise ValueError("guard.step(replay=fn) needs ids=: the batch's sample ids, one per sample")
+            ids = tuple(ids)
+            self._ring.append((self.steps_run, replay, ids, self._rng))
+            image_ids = image_ids or ids
         context = StepContext(tuple(image_ids), tuple(annotation_ids), batch, tuple(invalid_targets))
-        return self.update(self.backward(losses), context)
+        outcomes = self.update(self.backward(losses), context)
+        if replay is not None:  # what the next step's forward draws from: a 5 kB host copy
+            self._rng = rng_state()
+        return outcomes
 
     def backward(self, losses: dict[str, torch.Tensor]) -> Backward:
         return self.device_step.backward(losses)
@@ -348,7 +384,7 @@ class Guard:
         vector = self.device_step.update(backward, lr_factor=self.host.lr_factor,
                                          check_weights=self.host.check_weights(step))
         self.steps_run += 1
-        return self.host.sent(step, backward.names, send(vector), context)
+        return self._with_diagnoses(self.host.sent(step, backward.names, send(vector), context))
 
     def skip_batch(self, error: BaseException, *, image_ids: tuple = (), annotation_ids: tuple = (),
                    batch: tuple[int, int] | None = None) -> list[Outcome]:
@@ -356,7 +392,8 @@ class Guard:
         wrote, drop its gradients, and report a `model_error` incident for the policy."""
         self.device_step.discard()
         step, self.steps_run = self.steps_run, self.steps_run + 1
-        return self.host.failed(step, error, StepContext(tuple(image_ids), tuple(annotation_ids), batch))
+        return self._with_diagnoses(self.host.failed(step, error, StepContext(tuple(image_ids),
+                                                                              tuple(annotation_ids), batch)))
 
     def flush(self) -> list[Outcome]:
         """Read the pending observation now (before a checkpoint, at the end of a run). A sync, but not
@@ -378,3 +415,63 @@ class Guard:
         _copy(self.device_step._buffer_snapshot, self.device_step.buffers)
         self.driver.load_state_dict(state, self.steps_run)  # the checkpoint is the base state
         self.host.mailbox.take()
+
+    # ------------------------------------------------------------------------------------------
+    # Explaining bad steps passed with replay= (nanguard.backends.torch.loop_replay)
+
+    def _replayable(self, step: int):
+        return next((entry for entry in self._ring if entry[0] == step), None)
+
+    def _keep_replay(self, obs: Observation) -> None:
+        """A bad step was read, before the next update touches the state: keep the state it ran with."""
+        if self._distributed or self.explain.auto == "off" or self._states_kept >= self.explain.keep \
+                or self._replayable(obs.step) is None:
+            return
+        label, reference = self.driver.newest_kept()
+        self._kept[obs.step] = {**self.device_step.capture_before_forward(), "reference_step": label,
+                                "reference_model": reference["model"],
+                                "amp": "fp16" if self.device_step.scaler.enabled else "off"}
+        self._states_kept += 1
+
+    def _diagnose(self, record: dict[str, Any]):
+        """The verdict on an incident of a step kept for a replay (None: not kept, or not wanted)."""
+        kept = self._kept.pop(int(record["step"]), None)
+        entry = self._replayable(int(record["step"]))
+        wanted = self.explain.auto == "all" or record.get("kind") not in self._diagnosed_kinds
+        if kept is None or entry is None or not wanted:
+            return None
+        from nanguard.backends.torch.loop_replay import explain_loop_step
+        from nanguard.explain.verdict import judge
+
+        started = time.perf_counter()
+        _, fn, ids, rng = entry
+        facts = explain_loop_step(self.model, fn, ids, rng=rng, kept=kept,
+                                  spike_settings=self.config.spike_settings(), replays=self.explain.replays,
+                                  param_abs_max=self.config.param_abs_max)
+        facts.seconds = time.perf_counter() - started
+        self._diagnosed_kinds.add(record.get("kind"))
+        return judge(record, facts, param_abs_max=self.config.param_abs_max)
+
+    def _with_diagnoses(self, outcomes: list[Outcome]) -> list[Outcome]:
+        if not self._diagnoses:
+            return outcomes
+        return [replace(o, diagnosis=self._diagnoses.pop(o.observation.step, None)) for o in outcomes]
+
+
+class _Diagnosing:
+    """The own-loop guard's incident log as its `PolicyDriver` sees it: each incident line is diagnosed
+    first (when its step was passed with `replay=`), then written to the user's log."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def record(self, obs: Observation, decision: Decision) -> dict[str, Any] | None:
+        if decision.ignored or not decision.kinds:  # healthy, lagging, or a repeated stop
+            return None
+        record = incident_record(obs, decision)
+        diagnosis = self.guard._diagnose(record)
+        if diagnosis is not None:
+            record["diagnosis"] = json_safe(diagnosis.to_dict())
+            self.guard._diagnoses[obs.step] = diagnosis
+        return self.guard.incidents.write(record)
+

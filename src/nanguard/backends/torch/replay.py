@@ -129,6 +129,17 @@ class Replayer:
         self.images = [image.to(device) for image in bundle["images"]]
         self.targets = [{k: v.to(device) for k, v in target.items()} for target in bundle["targets"]]
         self.plan = FaultPlan(bundle["code_faults"]) if bundle["code_faults"] else None
+        self.count = len(self.images)
+
+    can_change_amp = True  # the step's autocast is the replayer's own
+
+    def sample(self, i: int, run: _Run) -> ImageFacts:
+        """Image `i` of the batch after its run alone: its ids, pixels, and its boxes when it fails."""
+        nonfinite, std = pixel_facts(self.images[i])
+        return ImageFacts(image_id=self.bundle["image_ids"][i], annotation_ids=tuple(self.bundle["annotation_ids"][i]),
+                          fails_alone=run.nonfinite, loss_alone=run.losses.get("total_loss"), nonfinite_pixels=nonfinite,
+                          pixel_std=std, bad_boxes=_absurd_boxes(self.images[i], self.targets[i]["boxes"],
+                                                                 self.bundle["annotation_ids"][i]))
 
     def run(self, state: dict[str, torch.Tensor], *, images: list[int] | None = None, amp: str | None = None,
             tracer: NonFiniteTracer | None = None, judge_spikes: bool = True) -> _Run:
@@ -158,23 +169,34 @@ class Replayer:
         finally:
             for hook in hooks:
                 hook.remove()
-        values = {name: float(value.detach().float()) for name, value in losses.items()}
-        values["total_loss"] = float(total.detach().float())
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
-        grad_norm /= scale or 1.0
-        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        buffers_finite = all(bool(torch.isfinite(b).all()) for b in buffers)
-        spike = False
-        if judge_spikes:
-            spike = self._spike("loss_spikes", values["total_loss"]) or self._spike("grad_spikes", grad_norm)
-        return _Run(values, grad_norm, spike, buffers_finite=buffers_finite)
+        spikes = (lambda loss, grad: self._spike("loss_spikes", loss) or self._spike("grad_spikes", grad)) \
+            if judge_spikes else None
+        return measure(self.model, losses, total, scale, spikes)
 
     def _spike(self, name: str, value: float) -> bool:
-        settings = self.cfg.guard.spike_settings()
-        detector = DeviceSpikeDetector(**settings, device="cpu")
-        detector.load_state_dict(self.bundle[name])
-        return bool(detector.update(torch.tensor(value)))
+        return spike_seen(self.cfg.guard.spike_settings(), self.bundle[name], value)
+
+
+def spike_seen(settings: dict[str, Any], history: dict[str, Any], value: float) -> bool:
+    """Is `value` a spike against the guard's spike detector `history` (its state_dict) at that step?"""
+    detector = DeviceSpikeDetector(**settings, device="cpu")
+    detector.load_state_dict(history)
+    return bool(detector.update(torch.tensor(value)))
+
+
+def measure(model: torch.nn.Module, losses: dict[str, torch.Tensor], total: torch.Tensor, scale: float | None,
+            spikes=None) -> _Run:
+    """One run's numbers after its backward: the losses, the gradient norm (unscaled by `scale`), the
+    buffers' finiteness, and `spikes(total_loss, grad_norm)` when given."""
+    values = {name: float(value.detach().float()) for name, value in losses.items()}
+    values["total_loss"] = float(total.detach().float())
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
+    grad_norm /= scale or 1.0
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    buffers_finite = all(bool(torch.isfinite(b).all()) for b in buffers)
+    spike = bool(spikes(values["total_loss"], grad_norm)) if spikes is not None else False
+    return _Run(values, grad_norm, spike, buffers_finite=buffers_finite)
 
 
 class _nothing:
@@ -284,9 +306,17 @@ def replay(path: Path, cfg: Config, device: torch.device) -> ReplayFacts:
 
 
 def _replay(bundle: dict[str, Any], cfg: Config, device: torch.device) -> ReplayFacts:
-    replayer = Replayer(bundle, cfg, device)
-    state = bundle["model"]
-    runs = [replayer.run(state) for _ in range(max(1, cfg.explain.replays))]
+    return replay_facts(Replayer(bundle, cfg, device), bundle, replays=cfg.explain.replays,
+                        param_abs_max=cfg.guard.param_abs_max)
+
+
+def replay_facts(replayer, kept: dict[str, Any], *, replays: int, param_abs_max: float) -> ReplayFacts:
+    """The facts of a bad step from any replayer: `replayer.run(state, images=, amp=, tracer=,
+    judge_spikes=)` runs the step from a model state, `replayer.sample(i, run)` describes sample `i`
+    after its run alone; `kept` holds the state the step ran with ("model"), the older healthy one
+    ("reference_model", "reference_step") and "amp". A run's replayer and the own loop's share this."""
+    state = kept["model"]
+    runs = [replayer.run(state) for _ in range(max(1, replays))]
     first = runs[0]
     facts = ReplayFacts(
         replays=len(runs), reproduced=all(run.bad for run in runs),
@@ -294,22 +324,22 @@ def _replay(bundle: dict[str, Any], cfg: Config, device: torch.device) -> Replay
         losses=first.losses, grad_norm=first.grad_norm,
         nonfinite_components=[name for name, value in first.losses.items()
                               if name != "total_loss" and not math.isfinite(value)],
-        spike=first.spike, amp=bundle["amp"])
-    _state_facts(facts, bundle, cfg.guard.param_abs_max)
+        spike=first.spike, amp=kept["amp"])
+    _state_facts(facts, kept, param_abs_max)
     if not facts.reproduced:
         return facts
     if first.nonfinite:
         tracer = NonFiniteTracer()
         replayer.run(state, tracer=tracer, judge_spikes=False)
         facts.forward, facts.backward = tracer.site("forward"), tracer.site("backward")
-    if bundle.get("reference_model") is not None and not (facts.state_nonfinite or facts.state_wild):
-        facts.reference_ok = not replayer.run(bundle["reference_model"]).bad
-    if facts.amp != "off":  # does float32 make the same non-finite value (a spike alone is not AMP's doing)?
+    if kept.get("reference_model") is not None and not (facts.state_nonfinite or facts.state_wild):
+        facts.reference_ok = not replayer.run(kept["reference_model"]).bad
+    if facts.amp != "off" and replayer.can_change_amp:  # float32 makes the same non-finite value? (a spike alone is not AMP's doing)
         full = replayer.run(state, amp="off")
         facts.full_precision_ok = not (full.nonfinite if first.nonfinite else full.bad)
     bad_state = facts.state_nonfinite or facts.state_wild  # the verdict is the state's: no image is to blame
     if (first.nonfinite or not facts.reference_ok) and not bad_state:  # a spike the older state shares: the images
-        facts.images = _image_facts(replayer, bundle, state)
+        facts.images = _image_facts(replayer, state)
     return facts
 
 
@@ -339,29 +369,26 @@ def _state_facts(facts: ReplayFacts, bundle: dict[str, Any], bound: float) -> No
         facts.weight_change = math.sqrt(moved) / max(math.sqrt(norm), 1e-12)
 
 
-def _image_facts(replayer: Replayer, bundle: dict[str, Any], state: dict[str, torch.Tensor]) -> list[ImageFacts]:
-    """Each image alone (forward and backward), its pixels, and its boxes when it fails."""
-    facts = []
-    for i, (image, target) in enumerate(zip(replayer.images, replayer.targets)):
-        run = replayer.run(state, images=[i], judge_spikes=False)
-        pixels = image.float()
-        finite = torch.isfinite(pixels)
-        facts.append(ImageFacts(
-            image_id=bundle["image_ids"][i], annotation_ids=tuple(bundle["annotation_ids"][i]),
-            fails_alone=run.nonfinite, loss_alone=run.losses.get("total_loss"),
-            nonfinite_pixels=int((~finite).sum()),
-            pixel_std=float(pixels[finite].std()) if int(finite.sum()) > 1 else math.nan))
+def _image_facts(replayer, state: dict[str, torch.Tensor]) -> list[ImageFacts]:
+    """Each image (sample) alone, forward and backward: whether it fails, and what its input holds."""
+    facts = [replayer.sample(i, replayer.run(state, images=[i], judge_spikes=False)) for i in range(replayer.count)]
     losses = sorted(f.loss_alone for f in facts if f.loss_alone is not None and math.isfinite(f.loss_alone))
     median = losses[(len(losses) - 1) // 2] if losses else math.nan
-    for i, image_facts in enumerate(facts):
+    for image_facts in facts:
         loss = image_facts.loss_alone
         if not image_facts.fails_alone and loss is not None and math.isfinite(loss) and len(losses) > 2 \
                 and loss > 10 * median:
             image_facts.fails_alone = True  # it alone carries the spike
-        if image_facts.fails_alone:
-            image_facts.bad_boxes = _absurd_boxes(replayer.images[i], replayer.targets[i]["boxes"],
-                                                  bundle["annotation_ids"][i])
+        if not image_facts.fails_alone:
+            image_facts.bad_boxes = []  # the boxes of the images to blame only
     return facts
+
+
+def pixel_facts(pixels: torch.Tensor) -> tuple[int, float]:
+    """(non-finite values, standard deviation of the finite ones) of an image or any model input."""
+    pixels = pixels.detach().float()
+    finite = torch.isfinite(pixels)
+    return int((~finite).sum()), float(pixels[finite].std()) if int(finite.sum()) > 1 else math.nan
 
 
 def _absurd_boxes(image: torch.Tensor, boxes: torch.Tensor, annotation_ids: list) -> list[tuple[Any, str]]:
