@@ -103,9 +103,37 @@ def test_explain_settings_are_honoured(tmp_path):
     assert [d.verdict for _, d in diagnosed(outcomes)] == ["bad_image"]
 
 
-def test_replay_without_ids_is_refused(tmp_path):
+def test_replay_without_ids_is_refused_and_a_broken_replay_is_named(tmp_path):
+    torch.manual_seed(0)
     model = small_net()
     guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
     losses = {"loss": model(torch.randn(2, 3, 8, 8)).sum()}
     with pytest.raises(ValueError, match="ids="):
         guard.step(losses, replay=lambda index: losses)
+
+    def broken(index):
+        raise KeyError("the loader's batch is gone")
+
+    outcomes = guard.step({"loss": model(torch.randn(2, 3, 8, 8)).sum() * NAN}, replay=broken, ids=["a", "b"])
+    [outcome] = [o for o in outcomes + guard.flush() if o.diagnosis is not None]
+    assert outcome.decision.action == "skip" and outcome.diagnosis.verdict == "unknown"
+    assert "KeyError" in outcome.diagnosis.evidence[0] and "replay=fn must return" in outcome.diagnosis.advice
+
+
+def test_a_model_that_cannot_run_one_sample_alone_still_names_it(tmp_path):
+    """BatchNorm1d in training mode refuses a batch of one: each sample is judged by its input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).train()
+    guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    outcomes = []
+    for step in range(4):
+        x, y = torch.randn(6, 5), torch.randint(0, 2, (6,))
+        if step == 2:
+            x[3, 1] = float("inf")
+
+        def losses_of(index, x=x, y=y):
+            return {"loss": nn.functional.cross_entropy(model(x[index]), y[index])}
+
+        outcomes += guard.step(losses_of(list(range(6))), replay=losses_of, ids=[f"row{step}.{i}" for i in range(6)])
+    [(step, diagnosis)] = diagnosed(outcomes + guard.flush())
+    assert step == 2 and diagnosis.verdict == "bad_image" and diagnosis.image_ids == ["row2.3"]

@@ -79,6 +79,7 @@ class ReplayFacts:
     weight_change: float | None = None  # |w - w_reference| / |w_reference|
     amp: str = "off"
     full_precision_ok: bool | None = None  # with amp: the same step in float32 is healthy
+    error: str | None = None  # the replayed step raised this (the model refused the batch, or a broken replay)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -297,6 +298,8 @@ def _replay_evidence(facts: ReplayFacts) -> list[str]:
             else "a spike" if facts.spike else f"non-finite gradients (grad_norm={_fmt(facts.grad_norm)})")
     same = "bit-identical" if facts.same_every_time else "not bit-identical"
     out = [f"{runs}: {what} every time ({same})"]
+    if facts.error:
+        out.append(f"the replayed step raised {facts.error}")
     for site in (facts.forward, facts.backward):
         if site is not None:
             out.append(f"first non-finite {site.phase} value: {site.op} in {site.module or 'the loss'}"

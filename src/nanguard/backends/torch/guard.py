@@ -26,6 +26,7 @@ hooks) calls them itself. `update` reads as four parts, none of which makes the 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -398,7 +399,7 @@ class Guard:
     def flush(self) -> list[Outcome]:
         """Read the pending observation now (before a checkpoint, at the end of a run). A sync, but not
         on the per-step path."""
-        return self.host.flush()
+        return self._with_diagnoses(self.host.flush())
 
     def state_dict(self) -> dict[str, Any]:
         """Flush first (`flush()`): a pending observation is not part of the state. The snapshots are
@@ -441,15 +442,25 @@ class Guard:
         if kept is None or entry is None or not wanted:
             return None
         from nanguard.backends.torch.loop_replay import explain_loop_step
-        from nanguard.explain.verdict import judge
+        from nanguard.explain.verdict import Diagnosis, judge
 
         started = time.perf_counter()
         _, fn, ids, rng = entry
-        facts = explain_loop_step(self.model, fn, ids, rng=rng, kept=kept,
-                                  spike_settings=self.config.spike_settings(), replays=self.explain.replays,
-                                  param_abs_max=self.config.param_abs_max)
-        facts.seconds = time.perf_counter() - started
         self._diagnosed_kinds.add(record.get("kind"))
+        try:
+            facts = explain_loop_step(self.model, fn, ids, rng=rng, kept=kept,
+                                      spike_settings=self.config.spike_settings(), replays=self.explain.replays,
+                                      param_abs_max=self.config.param_abs_max)
+        except Exception as exc:  # the diagnosis never costs the training: the step was skipped all the same
+            print(f"nanguard: warning: step {record['step']} not diagnosed ({type(exc).__name__}: {exc})"[:400],
+                  file=sys.stderr)
+            return None
+        facts.seconds = time.perf_counter() - started
+        if facts.error and facts.reproduced and not (facts.state_nonfinite or facts.state_wild):
+            return Diagnosis("unknown", reproduced=True, seconds=round(facts.seconds, 3),
+                             evidence=[f"replay=fn raised {facts.error} on the whole batch"],
+                             advice="replay=fn must return this batch's loss dict for the samples at the positions "
+                                    "it is given (a list of ints), as the step computed it; fix it to diagnose")
         return judge(record, facts, param_abs_max=self.config.param_abs_max)
 
     def _with_diagnoses(self, outcomes: list[Outcome]) -> list[Outcome]:

@@ -91,7 +91,9 @@ class LoopReplayer:
     def sample(self, i: int, run: _Run) -> ImageFacts:
         """Sample `i` after its run alone: its id, its input's values, the values beside it (a detector's
         targets, with absurd boxes named as "box J" of the sample)."""
-        facts = ImageFacts(image_id=self.ids[i], fails_alone=run.nonfinite, loss_alone=run.losses.get("total_loss"))
+        # a sample the model cannot run alone (BatchNorm1d in training mode wants two) is judged by its input
+        facts = ImageFacts(image_id=self.ids[i], fails_alone=None if run.error else run.nonfinite,
+                           loss_alone=run.losses.get("total_loss"))
         if i not in self._inputs:  # the model was not called as module(...) on it
             return facts
         given, rest = self._inputs[i]

@@ -324,7 +324,7 @@ def replay_facts(replayer, kept: dict[str, Any], *, replays: int, param_abs_max:
         losses=first.losses, grad_norm=first.grad_norm,
         nonfinite_components=[name for name, value in first.losses.items()
                               if name != "total_loss" and not math.isfinite(value)],
-        spike=first.spike, amp=kept["amp"])
+        spike=first.spike, amp=kept["amp"], error=first.error)
     _state_facts(facts, kept, param_abs_max)
     if not facts.reproduced:
         return facts
