@@ -53,16 +53,21 @@ def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["backend"]["model"]
 
 
-def test_faults_on_different_ranks_are_acted_on_together(shapes, tmp_path):
-    """A NaN image on rank 0, an LR spike on rank 1 alone (its weights drift from rank 0's), then a flipped
-    sign bit on rank 1: finite, and invisible to any norm, only the parameter digest across ranks sees it."""
+def test_faults_on_different_ranks_are_acted_on_together_and_explained(shapes, tmp_path):
+    """A NaN image on rank 1, diagnosed from rank 1's batch (rank 0 writes the folder); an LR spike on
+    rank 1 alone (its weights drift from rank 0's), then a flipped sign bit on rank 1: finite, and
+    invisible to any norm, only the parameter digest across ranks sees it."""
     run = tmp_path / "both"
     train(run, shapes, "train.steps=18", "policy.snapshot_every=2", "policy.snapshot_healthy=1",
           "policy.snapshot_confirm=1", "guard.param_check_every=2",
-          "--inject", "nan_input@4:rank=0", "--inject", "lr_spike@6:rank=1:factor=1000",
+          "--inject", "nan_input@4:rank=1", "--inject", "lr_spike@6:rank=1:factor=1000",
           "--inject", "weight_bitflip@13:rank=1:bit=31")
     incidents = {r["step"]: r for r in lines(run / "incidents.jsonl")}
-    assert incidents[4]["bad_ranks"] == [0] and incidents[4]["action"] == "skip"
+    assert incidents[4]["bad_ranks"] == [1] and incidents[4]["action"] == "skip"
+    [poisoned] = [r["detail"]["image_id"] for r in lines(run / "injections.jsonl") if r["kind"] == "nan_input"]
+    diagnosis = incidents[4]["diagnosis"]
+    assert (diagnosis["verdict"], diagnosis["rank"], diagnosis["image_ids"]) == ("bad_image", 1, [poisoned])
+    assert (run / "incidents" / "4" / "replay.pt").is_file() and (run / "incidents" / "4" / "diagnosis.json").is_file()
     # rank 1 alone applied the blown-up update: the ranks' weights differ, which is caught and rolled back
     divergence = [r for r in incidents.values() if "rank_divergence" in r["kinds"]]
     assert divergence and divergence[0]["bad_ranks"] == [1] and divergence[0]["action"] == "rollback"
@@ -73,7 +78,7 @@ def test_faults_on_different_ranks_are_acted_on_together(shapes, tmp_path):
     assert digests[0] == digests[1] and final(run)["weights_finite"] and final(run)["status"] == "completed"
     # every rank's injections, each with its rank (rank 0 writes them at the checkpoints)
     assert [(r["step"], r["kind"], r["rank"]) for r in lines(run / "injections.jsonl")] == [
-        (4, "nan_input", 0), (6, "lr_spike", 1), (13, "weight_bitflip", 1)]
+        (4, "nan_input", 1), (6, "lr_spike", 1), (13, "weight_bitflip", 1)]
     assert final(run)["injections"] == 3
 
 

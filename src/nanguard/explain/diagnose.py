@@ -6,8 +6,8 @@
   diagnosis.json   the verdict (`nanguard.explain.verdict.Diagnosis`), once diagnosed
 
 `Explainer` is the trainer's side: it tells the backend which bad steps to keep the state of (while
-`explain.keep` allows), writes each incident's folder from the ring of recent batches, and diagnoses the
-incidents `explain.auto` asks for. `nanguard diagnose RUN_DIR` runs the same diagnosis later.
+`explain.keep` allows), writes each incident's folder from the ring of recent batches (on several
+ranks: the bad rank's, written by rank 0), and diagnoses the incidents `explain.auto` asks for. `nanguard diagnose RUN_DIR` runs the same diagnosis later.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from nanguard.config import Config
 from nanguard.data.loader import Batch
 from nanguard.errors import UserError
 from nanguard.explain.verdict import Diagnosis, judge
-from nanguard.fileio import atomic_write_json, json_safe
+from nanguard.fileio import atomic_write, atomic_write_json, json_safe
 from nanguard.guard import Observation, is_bad, read_incidents
 
 INCIDENTS_DIR = "incidents"
@@ -31,14 +31,21 @@ def incident_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / INCIDENTS_DIR / str(int(step))
 
 
-def diagnose(record: dict[str, Any], folder: Path, backend, cfg: Config, *, write: bool = True) -> Diagnosis:
+def diagnose(record: dict[str, Any], folder: Path, backend, cfg: Config, *, write: bool = True,
+             rank: int | None = None) -> Diagnosis:
     """Replay (when the folder holds the backend's replay file) and judge one incident; writes
-    diagnosis.json into `folder` (unless `write` is false)."""
+    diagnosis.json into `folder` (unless `write` is false). `rank`: a distributed run's rank whose batch
+    the replay file holds (by default the lowest of the record's `bad_ranks`, if any)."""
     replay_file = folder / f"replay{backend.checkpoint_suffix}"
     can_replay = hasattr(backend, "replay")
     facts = backend.replay(replay_file, cfg) if can_replay and replay_file.is_file() else None
     diagnosis = judge(record, facts, lr=cfg.train.lr, param_abs_max=cfg.guard.param_abs_max,
                       unkept=None if facts else _why_unkept(record, cfg, can_replay))
+    if rank is None and record.get("bad_ranks"):
+        rank = min(record["bad_ranks"])
+    if rank is not None and facts is not None:
+        diagnosis.rank = rank
+        diagnosis.evidence.insert(0, f"replayed rank {rank}'s batch")
     if not write:
         return diagnosis
     try:
@@ -56,9 +63,6 @@ def _why_unkept(record: dict[str, Any], cfg: Config, can_replay: bool) -> tuple[
     if not can_replay:
         return (f"backend={cfg.backend} keeps no replay data yet",
                 "train the same data with backend=torch to diagnose it (the same config and seed)")
-    if record.get("bad_ranks"):  # named ranks: a run of several processes
-        return ("a run of several processes keeps no replay data",
-                "resume from the checkpoint before this step on one process with explain.auto=all")
     if not cfg.guard.enabled:
         return ("guard.enabled=false keeps nothing", "train with the guard on")
     if cfg.explain.keep == 0:
@@ -69,10 +73,17 @@ def _why_unkept(record: dict[str, Any], cfg: Config, can_replay: bool) -> tuple[
 
 class Explainer:
     """When: the trainer calls `ran(step, batch)` after each step and `explain(record)` for each incident
-    line before it is written; `explain` returns the diagnosis to add to the line (or None)."""
+    line before it is written; `explain` returns the diagnosis to add to the line (or None).
 
-    def __init__(self, cfg: Config, run_dir: Path, backend, *, faults=None, resume: bool = False) -> None:
+    Across ranks (`gather`: the backend's collective, every rank calls `explain` for the same records):
+    the replay data of a bad step is that of the rank whose batch went bad (the lowest of `bad_ranks`;
+    rank 0 for a spike of the averaged loss: the state is the same on every rank after an agreed skip),
+    handed to rank 0, which writes the incident folder and runs the diagnosis once; it names that rank."""
+
+    def __init__(self, cfg: Config, run_dir: Path, backend, *, faults=None, resume: bool = False,
+                 rank: int = 0, gather=None) -> None:
         self.cfg, self.run_dir, self.backend, self.faults = cfg, Path(run_dir), backend, faults
+        self.rank, self.gather = rank, gather
         self.ring: deque[tuple[int, Batch]] = deque(maxlen=max(2, cfg.explain.ring))
         self.kept = 0  # incident folders with replay data written (explain.keep)
         self.diagnosed_kinds: set[str] = set()
@@ -82,6 +93,8 @@ class Explainer:
                     self.diagnosed_kinds.add(record["kind"])
                 replay = incident_dir(self.run_dir, record["step"]) / f"replay{backend.checkpoint_suffix}"
                 self.kept += replay.is_file()
+            if gather is not None:  # rank 0 holds the folder: every rank counts as it does
+                self.kept = gather(self.kept)[0]
 
     def wants(self, obs: Observation) -> bool:
         """When: the run reads a bad observation. Keep the state it ran with (explain.keep)?"""
@@ -93,20 +106,31 @@ class Explainer:
     def explain(self, record: dict[str, Any]) -> Diagnosis | None:
         step = int(record["step"])
         folder = incident_dir(self.run_dir, step)
-        batch = next((b for s, b in self.ring if s == step), None)
         bad = is_bad(record.get("kinds") or [])
-        written = False
-        if bad and batch is not None and self.kept < self.cfg.explain.keep:
-            written = self.backend.write_replay(step, batch, folder / f"replay{self.backend.checkpoint_suffix}",
-                                                lr=record.get("lr"), faults=self.faults)
-            self.kept += written
-        if written or self._wanted(record):
+        culprit = min(record.get("bad_ranks") or [0])  # the rank whose batch is replayed
+        data = None
+        if bad and self.kept < self.cfg.explain.keep and self.rank == culprit:
+            batch = next((b for s, b in self.ring if s == step), None)
+            if batch is not None:
+                data = self.backend.replay_data(step, batch, lr=record.get("lr"), faults=self.faults)
+        if bad and self.gather is not None:  # every rank reads the same records: the same calls
+            data = self.gather(data)[culprit]
+        written = data is not None
+        self.kept += written
+        wanted = self._wanted(record)
+        if self.rank != 0:
+            return None
+        if written:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(folder / f"replay{self.backend.checkpoint_suffix}", lambda handle: handle.write(data))
+        if written or wanted:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(folder / "incident.json", record)
-        if not self._wanted(record):
+        if not wanted:
             return None
         self.diagnosed_kinds.add(record["kind"])
-        return diagnose(record, folder, self.backend, self.cfg)
+        diagnosis = diagnose(record, folder, self.backend, self.cfg, rank=culprit if self.gather is not None else None)
+        return diagnosis
 
     def _wanted(self, record: dict[str, Any]) -> bool:
         auto = self.cfg.explain.auto

@@ -109,17 +109,19 @@ class Diagnosis:
     evidence: list[str] = field(default_factory=list)
     advice: str = ""
     seconds: float = 0.0
+    rank: int | None = None  # a distributed run: the rank whose batch was replayed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def line(self, step: int) -> str:
-        """One terminal line: 'step 41 diagnosed: bad_image (image 17): drop image 17 ...'."""
-        culprits = ""
-        if self.annotation_ids:
-            culprits = f" (annotation {', '.join(map(str, self.annotation_ids[:4]))})"
-        elif self.image_ids:
-            culprits = f" (image {', '.join(map(str, self.image_ids[:4]))})"
+        """One terminal line: 'step 41 diagnosed: bad_image (image 17): drop image 17 ...' ('(rank 1,
+        image 17)' on a distributed run)."""
+        named = [f"annotation {', '.join(map(str, self.annotation_ids[:4]))}"] if self.annotation_ids else \
+            [f"image {', '.join(map(str, self.image_ids[:4]))}"] if self.image_ids else []
+        if self.rank is not None:
+            named.insert(0, f"rank {self.rank}")
+        culprits = f" ({', '.join(named)})" if named else ""
         where = f" at {self.module or self.first_op}" if self.verdict == "numerical_op" and (self.module or self.first_op) else ""
         return f"step {step} diagnosed: {self.verdict}{culprits}{where}: {self.advice}"
 

@@ -76,8 +76,8 @@ def _diagnosis_cells(diagnosis: Any) -> tuple[str, str, str]:
     reproduced = diagnosis.get("reproduced")
     if reproduced is not None:
         facts.append("reproduced" if reproduced else "not reproduced")
-    for key in ("phase", "loss_component"):
-        if diagnosis.get(key):
+    for key in ("rank", "phase", "loss_component"):
+        if diagnosis.get(key) is not None and diagnosis.get(key) != "":
             facts.append(f"{key.replace('_', ' ')}: {text(diagnosis[key])}")
     seconds = number(diagnosis.get("seconds")) if "seconds" in diagnosis else None
     if seconds is not None and math.isfinite(seconds):

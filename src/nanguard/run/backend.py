@@ -118,9 +118,9 @@ class Replays(Protocol):
         """When: as the run reads bad step `step`, before the next update. Keep the state it ran with
         (and its RNG); `reference` is the newest rollback target (label, capture) to compare it with."""
 
-    def write_replay(self, step: int, batch: Batch, path: Path, *, lr: float, faults: FaultPlan | None) -> bool:
-        """Write the replay file of `step` (trained on the host batch `batch`) to `path`; False when
-        nothing was kept for it."""
+    def replay_data(self, step: int, batch: Batch, *, lr: float, faults: FaultPlan | None) -> bytes | None:
+        """The contents of the replay file of `step` (trained on the host batch `batch`; the run writes
+        them to RUN_DIR/incidents/<step>/replay<checkpoint_suffix>); None when nothing was kept for it."""
 
     def replay(self, path: Path, cfg: Config) -> ReplayFacts:
         """Replay the step of a replay file and localise what went wrong (`ReplayFacts`)."""

@@ -172,9 +172,12 @@ class Training:
             if self.driver is not None else PlainHost(cfg.train.log_every, rank=self.ranks.rank)
         self.parts["backend"] = _Captured(backend)
         self.parts["guard"] = _PolicyPart(self.driver, self.counters)  # after the backend: it captures the base
-        # a replay needs the bad rank's batch and state: one process, for now
-        explain = self.guarded and not self.ranks.distributed and isinstance(backend, Replays)
-        self.explainer = Explainer(cfg, folder.path, backend, faults=self.plan, resume=resuming) if explain else None
+        # a replay needs the bad rank's batch and state: across ranks, that rank hands them to rank 0
+        explain = self.guarded and isinstance(backend, Replays) and (
+            not self.ranks.distributed or isinstance(backend, Collective))
+        gather = backend.gather if self.ranks.distributed and explain else None
+        self.explainer = Explainer(cfg, folder.path, backend, faults=self.plan, resume=resuming,
+                                   rank=self.ranks.rank, gather=gather) if explain else None
         if self.explainer is not None and cfg.explain.keep > 0:
             self.host.keep = self._keep_replay
         if state is not None:

@@ -16,7 +16,7 @@ from nanguard.backends.torch.devicestate import LossScaler, LRSchedule, to_host
 from nanguard.backends.torch.distributed import RankAgreement, check_launcher_env, gather_objects, init_process_group
 from nanguard.backends.torch.faults import TorchFaults
 from nanguard.backends.torch.guard import GuardedStep, send
-from nanguard.backends.torch.replay import replay, write_replay
+from nanguard.backends.torch.replay import replay, replay_bytes
 from nanguard.backends.torch.step import NO_HOOKS, PlainStep, autocast, image_tensor, to_tensors
 from nanguard.config import Config
 from nanguard.data.loader import Batch
@@ -118,7 +118,7 @@ class TorchBackend:
         self.rng = RngState(self.ranks)
         self._armed: TorchFaults | None = None
         # what a replay needs, kept only where a run explains its incidents (one process, guarded)
-        explain = cfg.guard.enabled and cfg.explain.keep > 0 and not self.ranks.distributed
+        explain = cfg.guard.enabled and cfg.explain.keep > 0
         self._rng_before: dict[tuple, dict[str, Any]] | None = {} if explain else None
         self.replay_states: dict[int, dict[str, Any]] = {}
 
@@ -244,14 +244,13 @@ class TorchBackend:
         for old in sorted(self.replay_states)[:-4]:  # the run takes them at once; never pile up
             del self.replay_states[old]
 
-    def write_replay(self, step: int, batch: Batch, path: Path, *, lr: float, faults: FaultPlan | None) -> bool:
+    def replay_data(self, step: int, batch: Batch, *, lr: float, faults: FaultPlan | None) -> bytes | None:
         kept = self.replay_states.pop(step, None)
         rng = (self._rng_before or {}).get(batch.key)
         if kept is None or rng is None:
-            return False
-        write_replay(path, step=step, kept=kept, rng=rng, batch=batch, plan=faults or FaultPlan([]),
-                     num_classes=self.num_classes, amp=self.cfg.train.amp, lr=lr)
-        return True
+            return None
+        return replay_bytes(step=step, kept=kept, rng=rng, batch=batch, plan=faults or FaultPlan([]),
+                            num_classes=self.num_classes, amp=self.cfg.train.amp, lr=lr, rank=self.ranks.rank)
 
     def replay(self, path: Path, cfg: Config):
         return replay(path, cfg, self.device)

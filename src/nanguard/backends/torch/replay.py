@@ -1,7 +1,7 @@
 """Replay one bad step on PyTorch, and localise what went wrong. Nothing here runs in normal training.
 
 What a replay needs is written to `RUN_DIR/incidents/<step>/replay.pt` when the incident is read
-(`write_replay`), so the same replay runs in training (`explain.auto`) and later, on another machine
+(`replay_bytes`; the run writes them, on a distributed run those of the rank whose batch went bad), so the same replay runs in training (`explain.auto`) and later, on another machine
 (`nanguard diagnose`):
 - the state the step ran with (the guard keeps it when it reads a bad observation: a masked step
   changed nothing, so it is the state before the step; BatchNorm statistics as before its forward),
@@ -22,6 +22,7 @@ the older state; the step in float32. The facts go to `nanguard.explain.verdict.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from pathlib import Path
@@ -41,7 +42,6 @@ from nanguard.data.loader import Batch
 from nanguard.data.targets import drop_invalid_targets
 from nanguard.errors import UserError
 from nanguard.explain.verdict import ImageFacts, OpSite, ReplayFacts
-from nanguard.fileio import atomic_write
 from nanguard.guard import FaultPlan, NullInjectionLog
 
 REPLAY_FILE = "replay.pt"
@@ -52,18 +52,19 @@ CODE_FAULTS = ("loss_nan", "fp16_overflow")  # injected faults that model the st
 _UNINITIALISED = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_"}
 
 
-def write_replay(path: Path, *, step: int, kept: dict[str, Any], rng: dict[str, Any], batch: Batch,
-                 plan: FaultPlan, num_classes: int, amp: str, lr: float) -> Path:
-    """Write `path` (replay.pt) for `step`: `kept` is the guard's replay state for it, `rng` torch's RNG
-    state before it, `batch` the host batch it trained on (host-side faults already in it)."""
+def replay_bytes(*, step: int, kept: dict[str, Any], rng: dict[str, Any], batch: Batch, plan: FaultPlan,
+                 num_classes: int, amp: str, lr: float, rank: int = 0) -> bytes:
+    """The contents of replay.pt for `step`: `kept` is the guard's replay state for it, `rng` torch's RNG
+    state before it, `batch` the host batch it trained on (host-side faults already in it). Bytes, so
+    that the rank that trained on the batch hands them to the rank that writes the run folder."""
     batch, _ = drop_invalid_targets(batch)
     images, targets = to_tensors(batch, torch.device("cpu"))
     if plan:  # an injected input fault is part of the batch, as a bad image file would be
-        TorchFaults(plan, step, NullInjectionLog()).on_batch(images, targets, batch.image_ids)
+        TorchFaults(plan, step, NullInjectionLog(), rank).on_batch(images, targets, batch.image_ids)
     code_faults = [f"{spec.kind}@{step}" + "".join(f":{key}={value}" for key, value in spec.params)
-                   for spec in (plan.faults_at(step) if plan else []) if spec.kind in CODE_FAULTS]
+                   for spec in (plan.faults_at(step, rank) if plan else []) if spec.kind in CODE_FAULTS]
     bundle = {
-        "format": REPLAY_FORMAT, "step": step, "num_classes": num_classes, "amp": amp, "lr": float(lr),
+        "format": REPLAY_FORMAT, "step": step, "rank": rank, "num_classes": num_classes, "amp": amp, "lr": float(lr),
         "model": kept["model"], "optimizer": kept["optimizer"],
         "loss_spikes": kept["loss_spikes"], "grad_spikes": kept["grad_spikes"],
         "reference_step": kept["reference_step"], "reference_model": kept["reference_model"],
@@ -73,8 +74,9 @@ def write_replay(path: Path, *, step: int, kept: dict[str, Any], rng: dict[str, 
         # fp16: the scale its backward ran with (an overflow is in the scaled gradients)
         "loss_scale": float((kept.get("scaler") or {}).get("scale", 0.0)) or None,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda handle: torch.save(bundle, handle))
+    buffer = io.BytesIO()
+    torch.save(bundle, buffer)
+    return buffer.getvalue()
 
 
 def load_replay(path: Path) -> dict[str, Any]:
