@@ -23,16 +23,9 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from nanguard.backends.torch.checkpoint import set_rng_state
-from nanguard.backends.torch.replay import (
-    NonFiniteTracer,
-    _absurd_boxes,
-    _Run,
-    measure,
-    pixel_facts,
-    replay_facts,
-    spike_seen,
-)
-from nanguard.explain.verdict import ImageFacts, ReplayFacts
+from nanguard.backends.torch.replay import NonFiniteTracer, host_arrays, locate, measure, spike_seen, tensor_pixel_facts
+from nanguard.explain.replaying import Run, absurd_boxes, replay_facts
+from nanguard.explain.verdict import ImageFacts, OpSite, ReplayFacts
 
 ReplayFn = Callable[[list[int]], dict[str, torch.Tensor]]
 
@@ -51,7 +44,7 @@ class LoopReplayer:
         self._inputs: dict[int, tuple[Any, Any]] = {}  # sample -> (the model's input, the rest of its arguments)
 
     def run(self, state: dict[str, torch.Tensor], *, images: list[int] | None = None, amp: str | None = None,
-            tracer: NonFiniteTracer | None = None, judge_spikes: bool = True) -> _Run:
+            tracer: NonFiniteTracer | None = None, judge_spikes: bool = True) -> Run:
         self.model.load_state_dict(state)
         self.model.zero_grad(set_to_none=True)
         if self.rng is not None:
@@ -71,7 +64,7 @@ class LoopReplayer:
                         tracer.enter_backward()
                     (total * self.loss_scale if self.loss_scale else total).backward()
             except Exception as exc:  # the model or the loss refused these samples
-                return _Run({}, math.nan, False, error=f"{type(exc).__name__}: {exc}"[:300])
+                return Run({}, math.nan, False, error=f"{type(exc).__name__}: {exc}"[:300])
         finally:
             for hook in hooks:
                 hook.remove()
@@ -82,13 +75,16 @@ class LoopReplayer:
                     or spike_seen(self.spike_settings, self.kept["grad_spikes"], grad)
         return measure(self.model, losses, total, self.loss_scale, spikes)
 
+    def locate(self, state: dict[str, torch.Tensor]) -> tuple[OpSite | None, OpSite | None]:
+        return locate(self.run, state)
+
     def _seen(self, sample: int):
         def hook(module, args, kwargs):
             if sample not in self._inputs and args:  # the first call: the sample as the model received it
                 self._inputs[sample] = (args[0], (args[1:], kwargs))
         return hook
 
-    def sample(self, i: int, run: _Run) -> ImageFacts:
+    def sample(self, i: int, run: Run) -> ImageFacts:
         """Sample `i` after its run alone: its id, its input's values, the values beside it (a detector's
         targets, with absurd boxes named as "box J" of the sample)."""
         # a sample the model cannot run alone (BatchNorm1d in training mode wants two) is judged by its input
@@ -99,7 +95,7 @@ class LoopReplayer:
         given, rest = self._inputs[i]
         floats = [t for t in tree_leaves(given) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if floats:
-            facts.nonfinite_pixels, facts.pixel_std = pixel_facts(torch.cat([t.detach().reshape(-1) for t in floats]))
+            facts.nonfinite_pixels, facts.pixel_std = tensor_pixel_facts(torch.cat([t.detach().reshape(-1) for t in floats]))
         facts.nonfinite_targets = sum(int((~torch.isfinite(t.detach())).sum()) for t in tree_leaves(rest)
                                       if isinstance(t, torch.Tensor) and t.is_floating_point())
         targets = rest[0][0] if rest[0] else None
@@ -107,7 +103,8 @@ class LoopReplayer:
                 and isinstance(targets[0], dict) and isinstance(targets[0].get("boxes"), torch.Tensor):
             boxes = targets[0]["boxes"].detach().float()
             if boxes.dim() == 2 and boxes.shape[-1] == 4 and bool(torch.isfinite(boxes).all()):
-                facts.bad_boxes = _absurd_boxes(floats[0], boxes, [f"box {j}" for j in range(len(boxes))])
+                height, width = floats[0].shape[-2:]
+                facts.bad_boxes = absurd_boxes(height, width, boxes.cpu().numpy(), [f"box {j}" for j in range(len(boxes))])
         return facts
 
 
@@ -123,7 +120,11 @@ def explain_loop_step(model: torch.nn.Module, fn: ReplayFn, ids: Sequence, *, rn
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices):
-            return replay_facts(replayer, kept, replays=replays, param_abs_max=param_abs_max)
+            return replay_facts(replayer, kept["model"], weights=host_arrays(kept["model"]),
+                                reference=kept.get("reference_model"),
+                                reference_weights=host_arrays(kept["reference_model"]) if kept.get("reference_model") else None,
+                                reference_step=kept.get("reference_step"), amp=kept["amp"], replays=replays,
+                                param_abs_max=param_abs_max)
     finally:
         model.load_state_dict(live)
         for p, grad in grads:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -41,6 +42,7 @@ from nanguard.config import Config
 from nanguard.data.loader import Batch
 from nanguard.data.targets import drop_invalid_targets
 from nanguard.errors import UserError
+from nanguard.explain.replaying import Run, absurd_boxes, pixel_facts, replay_facts
 from nanguard.explain.verdict import ImageFacts, OpSite, ReplayFacts
 from nanguard.guard import FaultPlan, NullInjectionLog
 
@@ -101,27 +103,6 @@ _BUNDLE_PARTS = {"model": dict, "num_classes": int, "images": list, "targets": l
 # One run of the step
 
 
-class _Run:
-    """The numbers of one run of the step (forward, loss, backward) from the bundle's state."""
-
-    def __init__(self, losses: dict[str, float], grad_norm: float, spike: bool, error: str | None = None,
-                 buffers_finite: bool = True) -> None:
-        self.losses, self.grad_norm, self.spike, self.error = losses, grad_norm, spike, error
-        self.buffers_finite = buffers_finite
-
-    @property
-    def nonfinite(self) -> bool:
-        return self.error is not None or not self.buffers_finite or not math.isfinite(self.grad_norm) \
-            or not all(math.isfinite(v) for v in self.losses.values())
-
-    @property
-    def bad(self) -> bool:
-        return self.nonfinite or self.spike
-
-    def key(self) -> tuple:
-        return tuple(sorted((k, repr(v)) for k, v in self.losses.items())) + (repr(self.grad_norm), self.error)
-
-
 class Replayer:
     def __init__(self, bundle: dict[str, Any], cfg: Config, device: torch.device) -> None:
         self.bundle, self.cfg, self.device = bundle, cfg, device
@@ -135,16 +116,20 @@ class Replayer:
 
     can_change_amp = True  # the step's autocast is the replayer's own
 
-    def sample(self, i: int, run: _Run) -> ImageFacts:
+    def sample(self, i: int, run: Run) -> ImageFacts:
         """Image `i` of the batch after its run alone: its ids, pixels, and its boxes when it fails."""
-        nonfinite, std = pixel_facts(self.images[i])
+        nonfinite, std = tensor_pixel_facts(self.images[i])
+        height, width = self.images[i].shape[-2:]
         return ImageFacts(image_id=self.bundle["image_ids"][i], annotation_ids=tuple(self.bundle["annotation_ids"][i]),
                           fails_alone=run.nonfinite, loss_alone=run.losses.get("total_loss"), nonfinite_pixels=nonfinite,
-                          pixel_std=std, bad_boxes=_absurd_boxes(self.images[i], self.targets[i]["boxes"],
-                                                                 self.bundle["annotation_ids"][i]))
+                          pixel_std=std, bad_boxes=absurd_boxes(height, width, self.targets[i]["boxes"].cpu().numpy(),
+                                                                self.bundle["annotation_ids"][i]))
+
+    def locate(self, state: dict[str, torch.Tensor]) -> tuple[OpSite | None, OpSite | None]:
+        return locate(self.run, state)
 
     def run(self, state: dict[str, torch.Tensor], *, images: list[int] | None = None, amp: str | None = None,
-            tracer: NonFiniteTracer | None = None, judge_spikes: bool = True) -> _Run:
+            tracer: NonFiniteTracer | None = None, judge_spikes: bool = True) -> Run:
         """The step from `state` (the model's state dict), on all images or the `images` given."""
         self.model.load_state_dict(state)
         self.model.train()
@@ -167,7 +152,7 @@ class Replayer:
                     scale = self.bundle.get("loss_scale") if amp == "fp16" else None
                     (total * scale if scale else total).backward()
             except Exception as exc:  # the model refused the batch again
-                return _Run({}, math.nan, False, error=f"{type(exc).__name__}: {exc}"[:300])
+                return Run({}, math.nan, False, error=f"{type(exc).__name__}: {exc}"[:300])
         finally:
             for hook in hooks:
                 hook.remove()
@@ -187,7 +172,7 @@ def spike_seen(settings: dict[str, Any], history: dict[str, Any], value: float) 
 
 
 def measure(model: torch.nn.Module, losses: dict[str, torch.Tensor], total: torch.Tensor, scale: float | None,
-            spikes=None) -> _Run:
+            spikes=None) -> Run:
     """One run's numbers after its backward: the losses, the gradient norm (unscaled by `scale`), the
     buffers' finiteness, and `spikes(total_loss, grad_norm)` when given."""
     values = {name: float(value.detach().float()) for name, value in losses.items()}
@@ -198,7 +183,7 @@ def measure(model: torch.nn.Module, losses: dict[str, torch.Tensor], total: torc
     buffers = [b for b in model.buffers() if b.is_floating_point()]
     buffers_finite = all(bool(torch.isfinite(b).all()) for b in buffers)
     spike = bool(spikes(values["total_loss"], grad_norm)) if spikes is not None else False
-    return _Run(values, grad_norm, spike, buffers_finite=buffers_finite)
+    return Run(values, grad_norm, spike, buffers_finite=buffers_finite)
 
 
 class _nothing:
@@ -308,101 +293,25 @@ def replay(path: Path, cfg: Config, device: torch.device) -> ReplayFacts:
 
 
 def _replay(bundle: dict[str, Any], cfg: Config, device: torch.device) -> ReplayFacts:
-    return replay_facts(Replayer(bundle, cfg, device), bundle, replays=cfg.explain.replays,
-                        param_abs_max=cfg.guard.param_abs_max)
+    reference = bundle.get("reference_model")
+    return replay_facts(Replayer(bundle, cfg, device), bundle["model"], weights=host_arrays(bundle["model"]),
+                        reference=reference, reference_weights=host_arrays(reference) if reference else None,
+                        reference_step=bundle.get("reference_step"), amp=bundle["amp"],
+                        replays=cfg.explain.replays, param_abs_max=cfg.guard.param_abs_max)
 
 
-def replay_facts(replayer, kept: dict[str, Any], *, replays: int, param_abs_max: float) -> ReplayFacts:
-    """The facts of a bad step from any replayer: `replayer.run(state, images=, amp=, tracer=,
-    judge_spikes=)` runs the step from a model state, `replayer.sample(i, run)` describes sample `i`
-    after its run alone; `kept` holds the state the step ran with ("model"), the older healthy one
-    ("reference_model", "reference_step") and "amp". A run's replayer and the own loop's share this."""
-    state = kept["model"]
-    runs = [replayer.run(state) for _ in range(max(1, replays))]
-    first = runs[0]
-    facts = ReplayFacts(
-        replays=len(runs), reproduced=all(run.bad for run in runs),
-        same_every_time=len({run.key() for run in runs}) == 1,
-        losses=first.losses, grad_norm=first.grad_norm,
-        nonfinite_components=[name for name, value in first.losses.items()
-                              if name != "total_loss" and not math.isfinite(value)],
-        spike=first.spike, amp=kept["amp"], error=first.error)
-    _state_facts(facts, kept, param_abs_max)
-    if not facts.reproduced:
-        return facts
-    if first.nonfinite:
-        tracer = NonFiniteTracer()
-        replayer.run(state, tracer=tracer, judge_spikes=False)
-        facts.forward, facts.backward = tracer.site("forward"), tracer.site("backward")
-    if kept.get("reference_model") is not None and not (facts.state_nonfinite or facts.state_wild):
-        facts.reference_ok = not replayer.run(kept["reference_model"]).bad
-    if facts.amp != "off" and replayer.can_change_amp:  # float32 makes the same non-finite value? (a spike alone is not AMP's doing)
-        full = replayer.run(state, amp="off")
-        facts.full_precision_ok = not (full.nonfinite if first.nonfinite else full.bad)
-    bad_state = facts.state_nonfinite or facts.state_wild  # the verdict is the state's: no image is to blame
-    if (first.nonfinite or not facts.reference_ok) and not bad_state:  # a spike the older state shares: the images
-        facts.images = _image_facts(replayer, state)
-    return facts
+def host_arrays(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The floating tensors of a state dict as float32 numpy arrays (the state's facts)."""
+    return {name: t.detach().float().cpu().numpy() for name, t in state.items() if t.is_floating_point()}
 
 
-def _state_facts(facts: ReplayFacts, bundle: dict[str, Any], bound: float) -> None:
-    """Non-finite / absurd elements of the state the step ran with, and how far the healthy rest of it
-    moved from the older state (a flipped bit moves one element; an LR blow-up, all of them)."""
-    reference = bundle.get("reference_model") or {}
-    moved, norm = 0.0, 0.0
-    for name, tensor in bundle["model"].items():
-        if not tensor.is_floating_point():
-            continue
-        tensor = tensor.float()
-        finite = torch.isfinite(tensor)
-        nonfinite = int((~finite).sum())
-        wild = int((finite & (tensor.abs() > bound)).sum())
-        if nonfinite or wild:
-            facts.state_nonfinite += nonfinite
-            facts.state_wild += wild
-            facts.state_tensors.append(name)
-        old = reference.get(name)
-        if old is not None and old.shape == tensor.shape:
-            sane = finite & (tensor.abs() <= bound) & torch.isfinite(old.float())
-            moved += float(((tensor - old.float()) * sane).pow(2).sum())
-            norm += float((old.float() * sane).pow(2).sum())
-    if reference:
-        facts.reference_step = int(bundle["reference_step"])
-        facts.weight_change = math.sqrt(moved) / max(math.sqrt(norm), 1e-12)
+def locate(run, state: dict[str, torch.Tensor]) -> tuple[OpSite | None, OpSite | None]:
+    """The first non-finite op and module, forward and backward: `run(state, tracer=..., judge_spikes=False)`
+    once under a `NonFiniteTracer`."""
+    tracer = NonFiniteTracer()
+    run(state, tracer=tracer, judge_spikes=False)
+    return tracer.site("forward"), tracer.site("backward")
 
 
-def _image_facts(replayer, state: dict[str, torch.Tensor]) -> list[ImageFacts]:
-    """Each image (sample) alone, forward and backward: whether it fails, and what its input holds."""
-    facts = [replayer.sample(i, replayer.run(state, images=[i], judge_spikes=False)) for i in range(replayer.count)]
-    losses = sorted(f.loss_alone for f in facts if f.loss_alone is not None and math.isfinite(f.loss_alone))
-    median = losses[(len(losses) - 1) // 2] if losses else math.nan
-    for image_facts in facts:
-        loss = image_facts.loss_alone
-        if not image_facts.fails_alone and loss is not None and math.isfinite(loss) and len(losses) > 2 \
-                and loss > 10 * median:
-            image_facts.fails_alone = True  # it alone carries the spike
-        if not image_facts.fails_alone:
-            image_facts.bad_boxes = []  # the boxes of the images to blame only
-    return facts
-
-
-def pixel_facts(pixels: torch.Tensor) -> tuple[int, float]:
-    """(non-finite values, standard deviation of the finite ones) of an image or any model input."""
-    pixels = pixels.detach().float()
-    finite = torch.isfinite(pixels)
-    return int((~finite).sum()), float(pixels[finite].std()) if int(finite.sum()) > 1 else math.nan
-
-
-def _absurd_boxes(image: torch.Tensor, boxes: torch.Tensor, annotation_ids: list) -> list[tuple[Any, str]]:
-    """Boxes that survived the host's check (finite, positive size) but cannot be real: far outside
-    the image, or thousands of times wider than tall."""
-    height, width = image.shape[-2:]
-    found = []
-    for j, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
-        ann = annotation_ids[j] if j < len(annotation_ids) else None
-        w, h = x2 - x1, y2 - y1
-        if x2 < -width or y2 < -height or x1 > 2 * width or y1 > 2 * height or w > 4 * width or h > 4 * height:
-            found.append((ann, f"box {x1:.4g},{y1:.4g},{x2:.4g},{y2:.4g} far outside the {width}x{height} image"))
-        elif max(w / h, h / w) > 1000:
-            found.append((ann, f"box {w:.4g}x{h:.4g} px: aspect ratio over 1000"))
-    return found
+def tensor_pixel_facts(pixels: torch.Tensor) -> tuple[int, float]:
+    return pixel_facts(pixels.detach().float().cpu().numpy())
