@@ -300,3 +300,23 @@ def test_a_single_loss_tensor_is_one_component_and_names_are_checked():
         GuardedTrainStep(net, "sgd")
     with pytest.raises(ValueError, match="loss_scale"):
         GuardedTrainStep(net, nn.Momentum(net.trainable_params(), 0.01, 0.9), loss_scale=0.0)
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_state_loaded_after_the_compile_is_the_state_the_next_step_runs_from(mode, optimizer):
+    """A rollback (or a replay) loads a state into a compiled step: the next step must run from exactly
+    it, optimizer moments included (Parameter.set_data left the graph on the old moments' memory)."""
+    rng = np.random.default_rng(0)
+    _, _, step = build(optimizer)
+    for _ in range(3):
+        step(*batch(rng))
+    inputs = batch(rng)
+    saved = step.state_arrays()
+    step(*inputs)
+    first = step.state_arrays()
+    step(*batch(rng))  # the state moves on; then back
+    step.load_state_arrays(saved)
+    assert all(np.array_equal(saved[k], v, equal_nan=True) for k, v in step.state_arrays().items())
+    step(*inputs)
+    again = step.state_arrays()
+    assert [k for k in first if not np.array_equal(first[k], again[k], equal_nan=True)] == []

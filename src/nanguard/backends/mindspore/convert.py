@@ -80,4 +80,9 @@ def set_parameters(params: dict, arrays: dict[str, np.ndarray], what: str) -> No
         shape = tuple(p.shape)
         if value.shape != shape and (value.size != int(np.prod(shape)) or max(value.ndim, len(shape)) > 1):
             raise ValueError(f"{what} do not fit: {name} is {tuple(value.shape)}, the model's {shape}")
-        p.set_data(ms.Tensor(value.reshape(shape).astype(ms.dtype_to_nptype(p.dtype))))
+        value = ms.Tensor(value.reshape(shape).astype(ms.dtype_to_nptype(p.dtype)))
+        if p.has_init:  # not materialised yet: nothing compiled holds it
+            p.set_data(value)
+        else:  # after a graph's compile, set_data may leave the graph on the old memory (optimizer moments
+            ms.ops.assign(p, value)  # did): assign writes into the Parameter's own, which the graph uses
+
