@@ -3,6 +3,7 @@ replay during training (explain.auto=all), scored against the cause.
 
     python benchmarks/diagnosis_accuracy.py                        # 6 fault kinds x 3 steps x 2 seeds + real data
     python benchmarks/diagnosis_accuracy.py --steps-at 5,9 --seeds 0 --size 64 --batch 4
+    python benchmarks/diagnosis_accuracy.py --backend mindspore --seeds 0 --steps-at 4,9 --no-real
 
 Scenarios:
 - every inject kind at several steps and seeds, on generated shapes (the diagnosis never reads
@@ -52,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1", help="seeds (default 0,1)")
     parser.add_argument("--size", type=int, default=128, help="image side in px (default 128, the demo's)")
     parser.add_argument("--batch", type=int, default=8, help="images per step (default 8, the demo's)")
+    parser.add_argument("--backend", choices=("torch", "mindspore"), default="torch",
+                        help="the backend every run trains with (default torch)")
     parser.add_argument("--no-real", action="store_true", help="skip the real bad-data scenarios")
     parser.add_argument("--clean-steps", type=int, default=60, help="steps of each clean run (0: skip)")
     parser.add_argument("--clean-rounds", type=int, default=2, help="clean pairs (0: skip)")
@@ -64,13 +67,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 BATCH = 8
+BACKEND = ["backend=torch"]  # --backend
 
 
 def train(run: Path, data: Path, size: int, seed: int, steps: int, *extra: str) -> None:
     """The demo config (the tiny model, its RPN and RoI settings), on `size`-px images."""
     nanguard(["train", "--quiet", "--out", str(run), f"data.root={data}", f"seed={seed}", f"train.steps={steps}",
               f"model.min_size={size}", f"model.max_size={size}", f"train.batch_size={BATCH}", "train.warmup_steps=2",
-              "train.eval_at_end=false", "data.audit=off", "explain.auto=all", "train.threads=0", *extra])
+              "train.eval_at_end=false", "data.audit=off", "explain.auto=all", "train.threads=0", *BACKEND, *extra])
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -170,9 +174,9 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global BATCH
+    global BATCH, BACKEND
     args = parse_args(argv)
-    BATCH = args.batch
+    BATCH, BACKEND = args.batch, [f"backend={args.backend}"]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nanguard-diagnosis-") as tmp:
         work = Path(tmp)
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table("clean run: explain.auto=first vs off", ["s/step first", "s/step off", "ratio first/off"],
                     [[clean["s_per_step_first"], clean["s_per_step_off"], clean["ratio_first_over_off"]]],
                     plain=args.plain_table)
-    write_json(args.json_out, {"machine": machine_info(), "overall_accuracy": overall, "per_kind": rows,
+    write_json(args.json_out, {"machine": machine_info(), "backend": args.backend, "overall_accuracy": overall, "per_kind": rows,
                                "clean_run": clean,
                                "scenarios": results, "seconds": round(time.perf_counter() - started, 1)})
     return 0 if overall is not None and overall >= 0.95 else 1

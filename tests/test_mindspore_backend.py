@@ -119,13 +119,12 @@ def test_a_mindspore_run_skips_the_bad_step_and_ends_like_a_torch_run(straight):
     assert evaluated["step"] == 14 and 0 <= evaluated["mAP50"] <= 1
 
 
-def test_each_applicable_inject_kind_is_seen_at_its_step_and_the_run_completes(straight, shapes, tmp_path):
+def test_each_applicable_inject_kind_is_seen_at_its_step_explained_and_the_run_completes(straight, shapes, tmp_path):
     run = tmp_path / "faults"
     train(run, shapes, *GRAPH, "train.eval_at_end=false", "policy.snapshot_every=2",
-          "policy.snapshot_healthy=1", "policy.snapshot_confirm=1",
-          "--inject", "loss_nan@1:component=loss_objectness",
-          "--inject", "grad_nan@3", "--inject", "zero_box@4", "--inject", "lr_spike@6:factor=1000",
-          "--inject", "weight_bitflip@10")
+          "policy.snapshot_healthy=1", "policy.snapshot_confirm=1", "explain.auto=first",
+          "--inject", "loss_nan@1:component=loss_objectness", "--inject", "grad_nan@3", "--inject", "zero_box@4",
+          "--inject", "weight_bitflip@7", "--inject", "nan_input@10", "--inject", "lr_spike@12:factor=1000")
     final = json.loads((run / "final.json").read_text())
     assert final["status"] == "completed" and final["weights_finite"]
     incidents = lines(run / "incidents.jsonl")
@@ -133,15 +132,29 @@ def test_each_applicable_inject_kind_is_seen_at_its_step_and_the_run_completes(s
     assert by_step[1]["kind"] == "nonfinite_loss" and by_step[1]["action"] == "skip"
     assert by_step[3]["kind"] == "nonfinite_grad" and not by_step[3]["applied"]
     assert by_step[4]["kind"] == "invalid_target" and by_step[4]["applied"]  # dropped on the host, a note
-    # step 6's own numbers are healthy (its update is what the spike blows up): the step run with it is not
-    assert by_step[7]["kind"] in ("loss_spike", "grad_spike") and not by_step[7]["applied"]
-    # the weight flipped after step 10 is seen by the next weight check, the separate compiled check due
-    # before step 12's snapshot (snapshot_every=2), and rolled back; step 11 ran with it and is skipped
-    assert by_step[11]["kind"] == "nonfinite_loss" and not by_step[11]["applied"]
-    assert any(r["kind"] in ("wild_param", "nonfinite_param") and r["action"] == "rollback" and r["step"] == 12
-               for r in incidents), str([(r["step"], r["kind"], r["action"]) for r in incidents])
+    # the weight flipped after step 7 is seen by the next weight check, the separate compiled check due
+    # before step 8's snapshot (snapshot_every=2), and rolled back to the snapshot before it
+    assert "wild_param" in by_step[8]["kinds"] and (by_step[8]["action"], by_step[8]["rollback_to_step"]) == ("rollback", 6)
+    assert by_step[10]["kind"] in ("nonfinite_loss", "nonfinite_buffer") and not by_step[10]["applied"]
+    # step 12's own numbers are healthy (its update is what the spike blows up): the step run with it is not
+    assert by_step[13]["kind"] in ("loss_spike", "grad_spike") and not by_step[13]["applied"]
     assert {r["kind"] for r in lines(run / "injections.jsonl")} == {"loss_nan", "grad_nan", "zero_box",
-                                                                   "weight_bitflip", "lr_spike"}
+                                                                   "weight_bitflip", "lr_spike", "nan_input"}
+    # each incident explained from a replay of the MindSpore step: the verdicts of the torch backend's
+    verdicts = {step: r["diagnosis"] for step, r in by_step.items() if r.get("diagnosis")}
+    assert (verdicts[1]["verdict"], verdicts[1]["loss_component"]) == ("numerical_op", "loss_objectness")
+    assert verdicts[3]["verdict"] == "transient" and verdicts[3]["reproduced"] is False
+    assert verdicts[4]["verdict"] == "bad_annotation"
+    assert verdicts[8]["verdict"] == "corrupted_weights"
+    poisoned = next(r["detail"]["image_id"] for r in lines(run / "injections.jsonl") if r["kind"] == "nan_input")
+    assert (verdicts[10]["verdict"], verdicts[10]["image_ids"]) == ("bad_image", [poisoned])
+    assert verdicts[13]["verdict"] == "lr_divergence"
+    assert (run / "incidents" / "10" / "replay.ckpt").is_file()
+    # and later, in another process, from the incident's folder
+    done = nanguard("diagnose", str(run), "--incident", "10", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    [offline] = json.loads(done.stdout)
+    assert (offline["verdict"], offline["image_ids"]) == ("bad_image", [poisoned])
 
 
 def test_what_the_mindspore_backend_cannot_do_is_refused_before_anything_is_written(shapes, tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ def train(tmp_path, *, poison_at=None, transient_at=None, spike_at=None, replay=
           explain=None, fused=True):
     """Train `steps` steps; return (outcomes, the model's final state, the incident lines)."""
     torch.manual_seed(0)
-    model = small_net().train()
+    model = nn.Sequential(small_net(), nn.Dropout(0.3)).train()  # dropout: the replay draws from torch's RNG
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused)
     log = IncidentLog(tmp_path / f"incidents-{replay}.jsonl")
     guard = Guard(model, optimizer, incident_log=log, explain=explain,
@@ -56,7 +56,7 @@ def train(tmp_path, *, poison_at=None, transient_at=None, spike_at=None, replay=
                 group["lr"] = 0.05
     outcomes += guard.flush()
     lines = [json.loads(line) for line in log.path.read_text().splitlines()] if log.path.exists() else []
-    return outcomes, {k: v.clone() for k, v in model.state_dict().items()}, lines
+    return outcomes, {"rng": torch.get_rng_state(), **{k: v.clone() for k, v in model.state_dict().items()}}, lines
 
 
 def diagnosed(outcomes):
@@ -67,12 +67,12 @@ def test_one_sample_with_nan_pixels_is_named_and_the_replay_changes_nothing(tmp_
     outcomes, state, lines = train(tmp_path, poison_at=5)
     [(step, diagnosis)] = diagnosed(outcomes)
     assert step == 5 and diagnosis.verdict == "bad_image" and diagnosis.reproduced
-    assert diagnosis.image_ids == ["img-5-4"]
+    assert diagnosis.image_ids == ["img-5-4"] and diagnosis.module is None
     assert diagnosis.phase == "data" and "non-finite pixel" in " ".join(diagnosis.evidence)
     [line] = lines
     assert line["step"] == 5 and line["diagnosis"]["verdict"] == "bad_image"
     assert line["diagnosis"]["image_ids"] == ["img-5-4"] and line["image_ids"][4] == "img-5-4"
-    # the same loop without replay=: the same skip, no diagnosis, bit-identical weights at the end
+    # the same loop without replay=: the same skip, no diagnosis, bit-identical weights and RNG at the end
     plain_outcomes, plain_state, plain_lines = train(tmp_path, poison_at=5, replay=False)
     assert not diagnosed(plain_outcomes) and "diagnosis" not in plain_lines[0]
     assert [o.decision.action for o in plain_outcomes] == [o.decision.action for o in outcomes]
@@ -137,3 +137,25 @@ def test_a_model_that_cannot_run_one_sample_alone_still_names_it(tmp_path):
         outcomes += guard.step(losses_of(list(range(6))), replay=losses_of, ids=[f"row{step}.{i}" for i in range(6)])
     [(step, diagnosis)] = diagnosed(outcomes + guard.flush())
     assert step == 2 and diagnosis.verdict == "bad_image" and diagnosis.image_ids == ["row2.3"]
+
+
+def test_tensor_ids_from_a_data_loader_name_the_sample(tmp_path):
+    """A DataLoader gives the ids as a tensor: the diagnosis and the incident line hold plain ints."""
+    torch.manual_seed(0)
+    model = small_net().train()
+    log = IncidentLog(tmp_path / "incidents.jsonl")
+    guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.05), incident_log=log)
+    outcomes = []
+    for step in range(5):
+        images, labels = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+        if step == 2:
+            images[1] = float("nan")
+
+        def losses_of(index, images=images, labels=labels):
+            return {"loss": nn.functional.cross_entropy(model(images[index]), labels[index])}
+
+        outcomes += guard.step(losses_of(list(range(4))), replay=losses_of, ids=torch.arange(4) + 10 * step)
+    [(step, diagnosis)] = diagnosed(outcomes + guard.flush())
+    assert (step, diagnosis.verdict, diagnosis.image_ids) == (2, "bad_image", [21])
+    [line] = [json.loads(text) for text in log.path.read_text().splitlines()]
+    assert line["diagnosis"]["image_ids"] == [21] and line["image_ids"] == [20, 21, 22, 23]

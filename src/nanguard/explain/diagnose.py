@@ -78,14 +78,15 @@ class Explainer:
     Across ranks (`gather`: the backend's collective, every rank calls `explain` for the same records):
     the replay data of a bad step is that of the rank whose batch went bad (the lowest of `bad_ranks`;
     rank 0 for a spike of the averaged loss: the state is the same on every rank after an agreed skip),
-    handed to rank 0, which writes the incident folder and runs the diagnosis once; it names that rank."""
+    handed to rank 0 (point to point), which writes the incident folder and runs the diagnosis once; it
+    names that rank."""
 
     def __init__(self, cfg: Config, run_dir: Path, backend, *, faults=None, resume: bool = False,
-                 rank: int = 0, gather=None) -> None:
+                 rank: int = 0, collective=None) -> None:
         self.cfg, self.run_dir, self.backend, self.faults = cfg, Path(run_dir), backend, faults
-        self.rank, self.gather = rank, gather
+        self.rank, self.collective = rank, collective
         self.ring: deque[tuple[int, Batch]] = deque(maxlen=max(2, cfg.explain.ring))
-        self.kept = 0  # incident folders with replay data written (explain.keep)
+        self.kept = 0  # bad steps whose replay data was asked for (explain.keep): the same count on every rank
         self.diagnosed_kinds: set[str] = set()
         if resume:  # go on as the run never stopped: from the lines kept (the logs are truncated first)
             for record in read_incidents(self.run_dir):
@@ -93,12 +94,13 @@ class Explainer:
                     self.diagnosed_kinds.add(record["kind"])
                 replay = incident_dir(self.run_dir, record["step"]) / f"replay{backend.checkpoint_suffix}"
                 self.kept += replay.is_file()
-            if gather is not None:  # rank 0 holds the folder: every rank counts as it does
-                self.kept = gather(self.kept)[0]
+            if collective is not None:  # rank 0 holds the folder: every rank counts as it does
+                self.kept = collective.gather(self.kept)[0]
 
     def wants(self, obs: Observation) -> bool:
-        """When: the run reads a bad observation. Keep the state it ran with (explain.keep)?"""
-        return self.kept < self.cfg.explain.keep
+        """When: the run reads a bad observation. Keep the state it ran with (explain.keep; on several
+        ranks, only the rank whose batch will be replayed)?"""
+        return self.kept < self.cfg.explain.keep and self.rank == _culprit(obs.bad_ranks)
 
     def ran(self, step: int, batch: Batch) -> None:
         self.ring.append((step, batch))  # the loader's host arrays: no copy
@@ -106,32 +108,47 @@ class Explainer:
     def explain(self, record: dict[str, Any]) -> Diagnosis | None:
         step = int(record["step"])
         folder = incident_dir(self.run_dir, step)
-        bad = is_bad(record.get("kinds") or [])
-        culprit = min(record.get("bad_ranks") or [0])  # the rank whose batch is replayed
+        culprit = _culprit(record.get("bad_ranks"))  # the rank whose batch is replayed
         data = None
-        if bad and self.kept < self.cfg.explain.keep and self.rank == culprit:
-            batch = next((b for s, b in self.ring if s == step), None)
-            if batch is not None:
-                data = self.backend.replay_data(step, batch, lr=record.get("lr"), faults=self.faults)
-        if bad and self.gather is not None:  # every rank reads the same records: the same calls
-            data = self.gather(data)[culprit]
-        written = data is not None
-        self.kept += written
+        if is_bad(record.get("kinds") or []) and self.kept < self.cfg.explain.keep:  # the same on every rank
+            self.kept += 1
+            if self.rank == culprit:
+                data = self._replay_data(step, record)
+            if self.collective is not None:
+                data = self.collective.hand_to_first(data, culprit)
         wanted = self._wanted(record)
         if self.rank != 0:
             return None
-        if written:
+        if data is not None:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write(folder / f"replay{self.backend.checkpoint_suffix}", lambda handle: handle.write(data))
-        if written or wanted:
+        if data is not None or wanted:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(folder / "incident.json", record)
         if not wanted:
             return None
         self.diagnosed_kinds.add(record["kind"])
-        diagnosis = diagnose(record, folder, self.backend, self.cfg, rank=culprit if self.gather is not None else None)
-        return diagnosis
+        return diagnose(record, folder, self.backend, self.cfg, rank=culprit if self.collective is not None else None)
+
+    def _replay_data(self, step: int, record: dict[str, Any]) -> bytes | None:
+        """This rank's replay data of `step` (None: its batch left the ring, or nothing was kept). Never
+        raises: on several ranks, rank 0 waits for it."""
+        batch = next((b for s, b in self.ring if s == step), None)
+        if batch is None:
+            return None
+        try:
+            return self.backend.replay_data(step, batch, lr=record.get("lr"), faults=self.faults)
+        except Exception as exc:  # the step is skipped all the same; its diagnosis says nothing was kept
+            print(f"nanguard: warning: step {step}: its replay data could not be kept ({type(exc).__name__}: "
+                  f"{exc})"[:400], file=sys.stderr)
+            return None
 
     def _wanted(self, record: dict[str, Any]) -> bool:
         auto = self.cfg.explain.auto
         return auto == "all" or (auto == "first" and record.get("kind") not in self.diagnosed_kinds)
+
+
+def _culprit(bad_ranks) -> int:
+    """The rank whose batch a bad step's replay runs: the lowest that went bad itself (rank 0 for a spike
+    of the averaged loss, and in one process)."""
+    return min(bad_ranks or [0])

@@ -22,9 +22,10 @@ One line per bad step (an incident), written when the policy has decided on it:
                     (-1: the state before the first step); null otherwise
     batch           {"epoch", "position"} of the step's batch (the loader rebuilds it), or null
     invalid_targets [{"image_id", "annotation_id", "why"}] target boxes dropped from the step
-    diagnosis       (written by the trainer) null or the verdict of `nanguard.explain`: verdict,
-                    reproduced, phase, first_op, module, loss_component, image_ids, annotation_ids,
-                    evidence, advice, seconds
+    diagnosis       (the trainer's, or the own-loop guard's with replay=) null or the verdict of
+                    `nanguard.explain`: verdict, reproduced, phase, first_op, module, loss_component,
+                    image_ids, annotation_ids, evidence, advice, seconds, rank (a distributed run's
+                    rank whose batch was replayed, else null)
 
 Healthy steps and observations the policy ignored (lag after a rollback) are not written.
 """

@@ -133,6 +133,10 @@ class Collective(Protocol):
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, rank by rank (a collective: every rank calls it)."""
 
+    def hand_to_first(self, data: bytes | None, source: int) -> bytes | None:
+        """Rank `source`'s `data` on rank 0, None on every other rank (every rank calls it; only those
+        two exchange anything): a bad rank's replay data for the rank that writes the run folder."""
+
     def peer_lost(self, error: BaseException) -> str | None:
         """What the communication library said, in a few words, when `error` is a collective failing
         because a peer process is gone (killed, crashed); None for any other error. The run then ends

@@ -175,9 +175,8 @@ class Training:
         # a replay needs the bad rank's batch and state: across ranks, that rank hands them to rank 0
         explain = self.guarded and isinstance(backend, Replays) and (
             not self.ranks.distributed or isinstance(backend, Collective))
-        gather = backend.gather if self.ranks.distributed and explain else None
-        self.explainer = Explainer(cfg, folder.path, backend, faults=self.plan, resume=resuming,
-                                   rank=self.ranks.rank, gather=gather) if explain else None
+        self.explainer = Explainer(cfg, folder.path, backend, faults=self.plan, resume=resuming, rank=self.ranks.rank,
+                                   collective=backend if self.ranks.distributed else None) if explain else None
         if self.explainer is not None and cfg.explain.keep > 0:
             self.host.keep = self._keep_replay
         if state is not None:

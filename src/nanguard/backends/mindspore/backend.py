@@ -7,9 +7,8 @@ its host half is the run's), device-side faults (`faults.py`), checkpoints in Mi
 
 CPU only here (MindSpore's GPU plugin needs CUDA 11 libraries the lent GPUs do not have). Graph mode
 by default; NANGUARD_MINDSPORE_MODE=pynative runs the same step eagerly. `guard.enabled=false` trains
-with the same cell built without checks (`GuardedTrainStep(checks=False)`). Not built yet: mixed
-precision, replay and localisation of incidents (a MindSpore run's incidents are logged and acted on,
-not diagnosed), data parallel.
+with the same cell built without checks (`GuardedTrainStep(checks=False)`). Incidents are replayed
+and localised (`replay.py`). Not built yet: mixed precision, data parallel.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ def _interrupted(signum, frame) -> None:
 
 
 class MindSporeBackend:
-    """`nanguard.run.backend.Backend` and `Injects`."""
+    """`nanguard.run.backend.Backend`, `Injects` and `Replays`."""
 
     checkpoint_suffix = ".ckpt"
 
@@ -136,6 +135,9 @@ class MindSporeBackend:
                                           fault_hooks=len(LOSS_NAMES) if cfg.inject else 0,
                                           checks=cfg.guard.enabled, param_check_every=cfg.guard.param_check_every)
         self.rng = np.random.default_rng(cfg.seed)  # the samplers' noise
+        # what a replay needs, kept only where a run explains its incidents (guarded)
+        self._noise: dict[Any, np.ndarray] | None = {} if cfg.guard.enabled and cfg.explain.keep > 0 else None
+        self.replay_states: dict[int, dict[str, Any]] = {}
         self._armed = None  # MindSporeFaults of the next step
         self._cached = False  # the compile cache was used (the first step only)
 
@@ -159,6 +161,10 @@ class MindSporeBackend:
             self.schedule.set_factor(lr_factor)
             self._lr_factor = lr_factor
         noise = self.rng.random((len(batch.images), self.model.noise_size()), dtype=np.float32)
+        if self._noise is not None:  # the samplers' draws of this step: what its replay runs with
+            self._noise[batch.key] = noise
+            for old in list(self._noise)[:-8]:
+                del self._noise[old]
         between()  # one compiled cell: the previous step is read before it, when nothing of it has run
         with self._compile_cache(), self._graph_run():
             components, vector = self.step_cell(Tensor(static.images), Tensor(static.boxes), Tensor(static.labels),
@@ -250,6 +256,50 @@ class MindSporeBackend:
         state = dict(meta)
         state["backend"] = {"arrays": arrays, **meta["backend"]}
         return state
+
+    # ---------------------------------------------------------------------------------------------
+    # Replay (nanguard.explain)
+
+    def keep_replay(self, step: int, reference: tuple[int, Any]) -> None:
+        if self._noise is None:
+            return
+        label, snapshot = reference
+        self.replay_states[step] = {"state": self.step_cell.state_arrays(), "reference": snapshot["arrays"],
+                                    "reference_step": label}
+        for old in sorted(self.replay_states)[:-4]:  # the run takes them at once; never pile up
+            del self.replay_states[old]
+
+    def replay_data(self, step: int, batch: Batch, *, lr: float, faults) -> bytes | None:
+        from nanguard.backends.mindspore.batch import to_static
+        from nanguard.backends.mindspore.faults import batch_faults
+        from nanguard.backends.mindspore.replay import replay_bytes
+        from nanguard.data.targets import drop_invalid_targets
+        from nanguard.guard import NullInjectionLog
+        from nanguard.guard.observation import json_id
+
+        kept = self.replay_states.pop(step, None)
+        noise = (self._noise or {}).get(batch.key)
+        if kept is None or noise is None:
+            return None
+        batch, _ = drop_invalid_targets(batch)
+        m = self.cfg.model
+        static = to_static(batch.images, batch.boxes, batch.labels, m.min_size, m.max_size, MAX_BOXES)
+        poison = np.ones(len(LOSS_NAMES), np.float32)
+        if faults:
+            specs = [s for s in faults.faults_at(step) if s.kind in ("nan_input", "loss_nan")]
+            poison = batch_faults(StepFaults(faults, step, specs, NullInjectionLog()), static, batch.image_ids, LOSS_NAMES)
+        meta = {"num_classes": self.num_classes, "lr": float(lr) if lr is not None else None, "rank": 0,
+                "image_ids": [json_id(i) for i in batch.image_ids], "sizes": [list(size) for size in static.sizes],
+                "annotation_ids": [[json_id(a) for a in ids][:MAX_BOXES] for ids in batch.annotation_ids]}
+        return replay_bytes(step=step, state=kept["state"], reference=kept["reference"],
+                            reference_step=kept["reference_step"], meta=meta,
+                            batch={"images": static.images, "boxes": static.boxes, "labels": static.labels,
+                                   "valid": static.valid, "noise": noise, "poison": poison})
+
+    def replay(self, path: Path, cfg: Config):
+        from nanguard.backends.mindspore.replay import replay
+
+        return replay(self, path, cfg)
 
     # ---------------------------------------------------------------------------------------------
     # Evaluation and the end of a run

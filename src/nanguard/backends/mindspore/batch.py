@@ -29,6 +29,7 @@ class StaticBatch:
     labels: np.ndarray  # [B, G] int32 (1..K; 0 where not valid)
     valid: np.ndarray  # [B, G] bool
     scales: np.ndarray  # [B] the resize factor of each image (canvas px per image px)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each image on the canvas
     overflow: list[tuple[int, int]] = field(default_factory=list)  # (image index, box index) beyond G
 
 
@@ -51,6 +52,7 @@ def to_static(images: list[np.ndarray], boxes: list[np.ndarray], labels: list[np
         if (rh, rw) != (ih, iw):
             pixels = np.asarray(Image.fromarray(pixels).resize((rw, rh), Image.BILINEAR))
         out.images[i, :, :rh, :rw] = pixels.transpose(2, 0, 1).astype(np.float32) / 255.0
+        out.sizes.append((rh, rw))
         out.scales[i] = scale
         scaled = np.asarray(image_boxes, np.float32).reshape(-1, 4) * np.float32(scale)
         n = min(len(scaled), max_boxes)

@@ -26,21 +26,28 @@ from nanguard.fileio import atomic_write_bytes, dumps
 META_KEY = "nanguard_meta"
 
 
-def save_checkpoint(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def checkpoint_bytes(arrays: dict[str, np.ndarray], meta: dict[str, Any], path: Path | None = None) -> bytes:
+    """The bytes of a .ckpt holding `arrays` and `meta`. MindSpore writes to paths only: a scratch file
+    beside `path` (the file they are for; None: the temp folder), removed again. UserError naming the
+    file when it cannot be written."""
+    where = path.parent if path is not None else None
     entries = [{"name": name, "data": ms.Tensor(np.ascontiguousarray(value))} for name, value in arrays.items()]
-    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".ckpt", dir=path.parent)
+    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}." if path is not None else ".nanguard-", suffix=".ckpt", dir=where)
     os.close(fd)
     try:
         ms.save_checkpoint(entries, scratch, append_dict={META_KEY: dumps(meta)})
-        data = Path(scratch).read_bytes()
+        return Path(scratch).read_bytes()
     except (OSError, RuntimeError, ValueError) as exc:
-        raise UserError(f"{path}: the checkpoint could not be written ({exc}); free some space or choose "
-                        "another --out") from None
+        raise UserError(f"{path or scratch}: the checkpoint could not be written ({exc}); free some "
+                        "space or choose another --out") from None
     finally:
         Path(scratch).unlink(missing_ok=True)
-    return atomic_write_bytes(path, data)
+
+
+def save_checkpoint(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, checkpoint_bytes(arrays, meta, path))
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

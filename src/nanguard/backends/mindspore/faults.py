@@ -25,24 +25,11 @@ class MindSporeFaults:
     def before(self, static, image_ids: tuple) -> None:
         """nan_input: a band of non-finite pixels in one image; loss_nan and grad_nan: the poison."""
         f = self.faults
-        poison = np.ones(len(self.loss_names), np.float32)
-        for spec in f.specs:
-            if spec.kind == "nan_input":
-                i = f.pick(spec, len(image_ids), "image")
-                value = float(spec.param("value"))
-                static.images[i, :, : max(1, static.images.shape[2] // 4)] = value
-                f.record(spec, {"image_id": json_id(image_ids[i]), "value": str(value)})
-            elif spec.kind == "loss_nan":
-                name = spec.param("component")
-                if name in self.loss_names:
-                    poison[self.loss_names.index(name)] = float(spec.param("value"))
-                    f.record(spec, {"component": name})
-            elif spec.kind == "grad_nan":
-                k = f.pick(spec, len(self.weights), "param")
-                self.step_cell.grad_poison[k].set_data(Tensor(float(spec.param("value")), ms.float32))
-                f.record(spec, {"param_index": k})
-            elif spec.kind != "weight_bitflip":  # fp16_overflow: refused before the run (no fp16 here)
-                raise UserError(f"--inject {spec.kind}: not available with backend=mindspore")
+        poison = batch_faults(f, static, image_ids, self.loss_names)
+        for spec in f.of("grad_nan"):
+            k = f.pick(spec, len(self.weights), "param")
+            self.step_cell.grad_poison[k].set_data(Tensor(float(spec.param("value")), ms.float32))
+            f.record(spec, {"param_index": k})
         if (poison != 1).any():
             self.step_cell.loss_poison.set_data(Tensor(poison))
 
@@ -62,3 +49,23 @@ class MindSporeFaults:
             bits ^= np.uint32(1 << int(spec.param("bit")))
             self.weights[k].set_data(Tensor(values))
             f.record(spec, {"param_index": k, "element": e, "bit": int(spec.param("bit"))})
+
+
+def batch_faults(faults: StepFaults, static, image_ids: tuple, loss_names: tuple[str, ...]) -> np.ndarray:
+    """The faults that live in the batch and in the step's code: nan_input written into `static`'s
+    images; returns the loss poison (loss_nan). The same for a training step and for its replay file."""
+    poison = np.ones(len(loss_names), np.float32)
+    for spec in faults.specs:
+        if spec.kind == "nan_input":
+            i = faults.pick(spec, len(image_ids), "image")
+            value = float(spec.param("value"))
+            static.images[i, :, : max(1, static.images.shape[2] // 4)] = value
+            faults.record(spec, {"image_id": json_id(image_ids[i]), "value": str(value)})
+        elif spec.kind == "loss_nan":
+            name = spec.param("component")
+            if name in loss_names:
+                poison[loss_names.index(name)] = float(spec.param("value"))
+                faults.record(spec, {"component": name})
+        elif spec.kind not in ("weight_bitflip", "grad_nan"):  # fp16_overflow: refused before the run (no fp16 here)
+            raise UserError(f"--inject {spec.kind}: not available with backend=mindspore")
+    return poison

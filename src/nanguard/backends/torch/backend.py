@@ -13,7 +13,13 @@ import torch
 from nanguard.backends.shared import split_decay
 from nanguard.backends.torch import checkpoint as ckpt
 from nanguard.backends.torch.devicestate import LossScaler, LRSchedule, to_host
-from nanguard.backends.torch.distributed import RankAgreement, check_launcher_env, gather_objects, init_process_group
+from nanguard.backends.torch.distributed import (
+    RankAgreement,
+    check_launcher_env,
+    gather_objects,
+    hand_to_first,
+    init_process_group,
+)
 from nanguard.backends.torch.faults import TorchFaults
 from nanguard.backends.torch.guard import GuardedStep, send
 from nanguard.backends.torch.replay import replay, replay_bytes
@@ -117,7 +123,7 @@ class TorchBackend:
             PlainStep(self.model, self.optimizer, clip_norm=cfg.guard.clip_norm, **common))
         self.rng = RngState(self.ranks)
         self._armed: TorchFaults | None = None
-        # what a replay needs, kept only where a run explains its incidents (one process, guarded)
+        # what a replay needs, kept only where a run explains its incidents (guarded)
         explain = cfg.guard.enabled and cfg.explain.keep > 0
         self._rng_before: dict[tuple, dict[str, Any]] | None = {} if explain else None
         self.replay_states: dict[int, dict[str, Any]] = {}
@@ -127,7 +133,7 @@ class TorchBackend:
 
     def step(self, batch: Batch, *, lr_factor: float, check_weights: bool, between) -> StepNumbers:
         if self._rng_before is not None:  # a 5 kB host copy: what a replay of this step starts from
-            self._rng_before[batch.key] = ckpt.rng_state()
+            self._rng_before[batch.key] = ckpt.rng_state(self.device)
             for old in list(self._rng_before)[:-8]:
                 del self._rng_before[old]
         hooks, self._armed = self._armed or NO_HOOKS, None
@@ -224,6 +230,9 @@ class TorchBackend:
 
     def gather(self, value: Any) -> list[Any]:
         return gather_objects(value) if self.ranks.distributed else [value]
+
+    def hand_to_first(self, data: bytes | None, source: int) -> bytes | None:
+        return hand_to_first(data, source, self.device) if self.ranks.distributed else data
 
     def peer_lost(self, error: BaseException) -> str | None:
         return _peer_lost(error)

@@ -39,17 +39,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """torch's RNG state: the CPU generator's and every CUDA device's; with a CUDA `device`, also that
+    device's own ("cuda_device"), for a replay on another process's device (a distributed run's)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        if device is not None and device.type == "cuda":
+            state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Put back a `rng_state()`; with a CUDA `device` and the state of the device it was taken on,
+    that state goes onto `device`."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+        if device is not None and device.type == "cuda" and "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"], device)
 
 
 def read_tensor_file(path: Path, what: str):

@@ -122,10 +122,34 @@ def apart_from_majority(digests: torch.Tensor) -> torch.Tensor:
 
 
 def gather_objects(obj: Any) -> list[Any]:
-    """`obj` of every rank, rank by rank (a host sync: checkpoints and the end of a run only)."""
+    """`obj` of every rank, rank by rank (a host sync: checkpoints, a resume, the end of a run)."""
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def hand_to_first(data: bytes | None, source: int, device: torch.device) -> bytes | None:
+    """Rank `source`'s `data` on rank 0 (None on the others): its size, then its bytes, point to point,
+    so that only those two ranks take part and nothing of it is copied to the rest (a replay file holds
+    the model twice). Every rank calls it; `data` is read on `source` only (None: nothing to hand)."""
+    rank = dist.get_rank()
+    if source == 0 or rank not in (0, source):
+        return data if rank == 0 else None
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")  # NCCL moves device tensors only
+    size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64, device=on)
+    if rank == source:
+        dist.send(size, dst=0)
+        if data:
+            dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(on), dst=0)
+        return None
+    dist.recv(size, src=source)
+    length = int(size.item())  # sync-ok: a bad step's replay data, not the per-step path
+    if length < 0:
+        return None
+    payload = torch.empty(length, dtype=torch.uint8, device=on)
+    if length:
+        dist.recv(payload, src=source)
+    return payload.cpu().numpy().tobytes()
 
 
 def param_digest(model: torch.nn.Module) -> str:

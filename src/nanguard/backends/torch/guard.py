@@ -60,7 +60,7 @@ from nanguard.fileio import json_safe
 from nanguard.guard.driver import PolicyDriver
 from nanguard.guard.host import GuardHost, StepContext
 from nanguard.guard.incidents import incident_record
-from nanguard.guard.observation import Observation
+from nanguard.guard.observation import Observation, json_id
 from nanguard.guard.policy import Decision
 
 
@@ -366,12 +366,12 @@ class Guard:
         if replay is not None:
             if ids is None or isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__") or len(ids) == 0:
                 raise ValueError("guard.step(replay=fn) needs ids=: the batch's sample ids, one per sample")
-            ids = tuple(ids)
-            self._ring.append((self.steps_run, replay, ids, self._rng))
-            image_ids = image_ids or ids
+            self._ring.append((self.steps_run, replay, ids, self._rng))  # references only
+            if len(image_ids) == 0:
+                image_ids = _host_ids(ids)
         context = StepContext(tuple(image_ids), tuple(annotation_ids), batch, tuple(invalid_targets))
         outcomes = self.update(self.backward(losses), context)
-        if replay is not None:  # what the next step's forward draws from: a 5 kB host copy
+        if self._ring:  # what the next step's forward draws from: a 5 kB host copy
             self._rng = rng_state()
         return outcomes
 
@@ -424,18 +424,21 @@ class Guard:
         return next((entry for entry in self._ring if entry[0] == step), None)
 
     def _keep_replay(self, obs: Observation) -> None:
-        """A bad step was read, before the next update touches the state: keep the state it ran with."""
-        if self._distributed or self.explain.auto == "off" or self._states_kept >= self.explain.keep \
+        """A bad step was read, before the next update touches the state: keep the state it ran with
+        (a host copy: only for a step that will be diagnosed)."""
+        kinds = obs.kinds(self.driver.config.min_loss_scale)
+        wanted = self.explain.auto == "all" or (self.explain.auto == "first" and kinds[0] not in self._diagnosed_kinds)
+        if self._distributed or not wanted or self._states_kept >= self.explain.keep \
                 or self._replayable(obs.step) is None:
             return
         label, reference = self.driver.newest_kept()
         self._kept[obs.step] = {**self.device_step.capture_before_forward(), "reference_step": label,
                                 "reference_model": reference["model"],
                                 "amp": "fp16" if self.device_step.scaler.enabled else "off"}
-        self._states_kept += 1
 
     def _diagnose(self, record: dict[str, Any]):
-        """The verdict on an incident of a step kept for a replay (None: not kept, or not wanted)."""
+        """The verdict on an incident of a step kept for a replay (None: not kept, or not wanted).
+        Never raises: a diagnosis must not cost the training (the step was skipped all the same)."""
         kept = self._kept.pop(int(record["step"]), None)
         entry = self._replayable(int(record["step"]))
         wanted = self.explain.auto == "all" or record.get("kind") not in self._diagnosed_kinds
@@ -447,21 +450,23 @@ class Guard:
         started = time.perf_counter()
         _, fn, ids, rng = entry
         self._diagnosed_kinds.add(record.get("kind"))
+        self._states_kept += 1
         try:
-            facts = explain_loop_step(self.model, fn, ids, rng=rng, kept=kept,
-                                      spike_settings=self.config.spike_settings(), replays=self.explain.replays,
-                                      param_abs_max=self.config.param_abs_max)
-        except Exception as exc:  # the diagnosis never costs the training: the step was skipped all the same
+            facts = explain_loop_step(self.model, fn, [json_id(i) for i in _host_ids(ids, device_too=True)],
+                                      rng=rng, kept=kept, spike_settings=self.config.spike_settings(),
+                                      replays=self.explain.replays, param_abs_max=self.config.param_abs_max)
+            facts.seconds = time.perf_counter() - started
+            if facts.error and facts.reproduced and not (facts.state_nonfinite or facts.state_wild):
+                return Diagnosis("unknown", reproduced=True, seconds=round(facts.seconds, 3),
+                                 evidence=[f"replay=fn raised {facts.error} on the whole batch"],
+                                 advice="replay=fn must return this batch's loss dict for the samples at the "
+                                        "positions it is given (a list of ints), as the step computed it; fix it "
+                                        "to diagnose")
+            return judge(record, facts, param_abs_max=self.config.param_abs_max)
+        except Exception as exc:
             print(f"nanguard: warning: step {record['step']} not diagnosed ({type(exc).__name__}: {exc})"[:400],
                   file=sys.stderr)
             return None
-        facts.seconds = time.perf_counter() - started
-        if facts.error and facts.reproduced and not (facts.state_nonfinite or facts.state_wild):
-            return Diagnosis("unknown", reproduced=True, seconds=round(facts.seconds, 3),
-                             evidence=[f"replay=fn raised {facts.error} on the whole batch"],
-                             advice="replay=fn must return this batch's loss dict for the samples at the positions "
-                                    "it is given (a list of ints), as the step computed it; fix it to diagnose")
-        return judge(record, facts, param_abs_max=self.config.param_abs_max)
 
     def _with_diagnoses(self, outcomes: list[Outcome]) -> list[Outcome]:
         if not self._diagnoses:
@@ -478,11 +483,23 @@ class _Diagnosing:
 
     def record(self, obs: Observation, decision: Decision) -> dict[str, Any] | None:
         if decision.ignored or not decision.kinds:  # healthy, lagging, or a repeated stop
+            self.guard._kept.pop(obs.step, None)
             return None
         record = incident_record(obs, decision)
-        diagnosis = self.guard._diagnose(record)
+        diagnosis = self.guard._diagnose(record)  # pops the kept state either way
         if diagnosis is not None:
             record["diagnosis"] = json_safe(diagnosis.to_dict())
             self.guard._diagnoses[obs.step] = diagnosis
         return self.guard.incidents.write(record)
 
+
+
+def _host_ids(ids, *, device_too: bool = False) -> tuple:
+    """`ids` as a tuple of host values: a list or tuple as it is, a numpy array or a CPU tensor as its
+    values; a tensor on a device only with `device_too` (a sync: on a bad step, never a healthy one),
+    else ()."""
+    if isinstance(ids, torch.Tensor):
+        return tuple(ids.tolist()) if ids.device.type == "cpu" or device_too else ()  # sync-ok: a host tensor, or a bad step
+    if hasattr(ids, "tolist"):
+        return tuple(ids.tolist())  # sync-ok: a numpy array
+    return tuple(ids)

@@ -134,7 +134,7 @@ class Replayer:
         self.model.load_state_dict(state)
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        set_rng_state(self.bundle["rng"])
+        set_rng_state(self.bundle["rng"], self.device)
         chosen = range(len(self.images)) if images is None else images
         batch_images = [self.images[i] for i in chosen]
         batch_targets = [self.targets[i] for i in chosen]
