@@ -224,7 +224,11 @@ class GuardedTrainStep(nn.Cell):
         saved = self.hyper_map(ops.assign, self.shadow, self.saved)
         scale = ops.depend(self.scale.value(), saved)
         poison = self.loss_poison.value() if self.fault_hooks else self.one
-        (_, components), grads = self.grad_fn(scale, poison, *inputs)
+        # outputs[1], not `(_, components) = ...`: an unused tuple item of a call with side effects (the
+        # BatchNorm statistics it writes) is an isolated node MindSpore drops with a warning ("Some side
+        # effect nodes were eliminated by mistake"); only that item went, never the call
+        outputs, grads = self.grad_fn(scale, poison, *inputs)
+        components = outputs[1]
         if self.fault_hooks:
             grads = self.hyper_map(_scale_by, self.grad_poison, grads)
         if self.scaling:
@@ -284,7 +288,8 @@ class GuardedTrainStep(nn.Cell):
 
     def _plain(self, *inputs: Any) -> tuple[Tensor, Tensor]:
         poison = self.loss_poison.value() if self.fault_hooks else self.one
-        (_, components), grads = self.grad_fn(self.one, poison, *inputs)
+        outputs, grads = self.grad_fn(self.one, poison, *inputs)
+        components = outputs[1]
         if self.fault_hooks:
             grads = self.hyper_map(_scale_by, self.grad_poison, grads)
         grad_norm = ops.sqrt(ops.stack(self.hyper_map(_square_sum, grads)).sum())
