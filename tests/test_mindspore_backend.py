@@ -155,6 +155,12 @@ def test_each_applicable_inject_kind_is_seen_at_its_step_explained_and_the_run_c
     assert done.returncode == 0, done.stderr[-3000:]
     [offline] = json.loads(done.stdout)
     assert (offline["verdict"], offline["image_ids"]) == ("bad_image", [poisoned])
+    # a damaged replay file: one line, exit 2
+    replay = run / "incidents" / "13" / "replay.ckpt"
+    replay.write_bytes(replay.read_bytes()[:1000])
+    done = nanguard("diagnose", str(run), "--incident", "13")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "replay.ckpt" in done.stderr and "cannot be replayed" in done.stderr, done.stderr[-2000:]
 
 
 def test_what_the_mindspore_backend_cannot_do_is_refused_before_anything_is_written(shapes, tmp_path, monkeypatch):

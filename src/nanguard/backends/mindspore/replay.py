@@ -56,7 +56,10 @@ def replay_bytes(*, step: int, state: dict[str, np.ndarray], reference: dict[str
 def load_replay(path: Path) -> dict[str, Any]:
     from nanguard.backends.mindspore.checkpoint import load_checkpoint
 
-    arrays, meta = load_checkpoint(path)
+    try:
+        arrays, meta = load_checkpoint(path)
+    except UserError as err:  # its advice is a checkpoint's (resume from another one): not this file's
+        raise UserError(f"{str(err).split('; resume')[0]}; it is damaged, so this incident cannot be replayed") from None
     if meta.get("format") != REPLAY_FORMAT:
         raise UserError(f"{path}: not a nanguard MindSpore replay file ({REPLAY_FORMAT})")
     parts = {"state": {}, "reference": {}, "batch": {}}
