@@ -17,7 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 # The main job: generate the shapes dataset (once), train the demo preset on the CPU, evaluate.
-# make demo BACKEND=mindspore: the same with the MindSpore backend (~0.9 s a step on a 2-core CPU: ~26 min for the 1,800 steps).
+# make demo BACKEND=mindspore: the same with the MindSpore backend (~0.9 s a step on a 2-core CPU: ~33 min for the 2,200 steps).
 demo: install
 	$(VENV)/bin/nanguard train --config demo --out $(RUN) backend=$(BACKEND)
 

@@ -3,7 +3,7 @@ each backend for the same steps (same seed, same generated data, same schedule),
 evaluation (issue #15: mAP50 within 0.05 at the same steps).
 
     python benchmarks/backend_parity.py --steps 200
-    python benchmarks/backend_parity.py --steps 1800          # the demo's length: hours on a 2-core CPU
+    python benchmarks/backend_parity.py --steps 2200          # the demo's length: hours on a 2-core CPU
 
 The runs are the real command (`python -m nanguard train`), one after the other (not interleaved: a
 training cannot be cut into blocks without changing it); the MindSpore one in graph mode. Reported per

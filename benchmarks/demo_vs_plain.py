@@ -1,7 +1,7 @@
 """Does `make demo` learn as well, and step as fast, as a plain torchvision loop on the same data?
 
     python benchmarks/demo_vs_plain.py                   # 200 steps each on the demo's generated shapes
-    python benchmarks/demo_vs_plain.py --steps 1800      # the demo's length
+    python benchmarks/demo_vs_plain.py --steps 2200      # the demo's length
     python benchmarks/demo_vs_plain.py --order nanguard-first train.threads=1
 
 Two trainings of the same number of steps (--steps; the LR schedule of both spans them), one after the
